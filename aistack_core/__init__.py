@@ -1,0 +1,41 @@
+"""aistack: a local, OpenAI-compatible AI gateway.
+
+Plugins import what they need from here::
+
+    from aistack_core import hookimpl, ModelCard, Segment, Malformed
+"""
+
+__version__ = "0.1.0"
+
+from .backends import (  # noqa: E402
+    AsrBackend,
+    AudioInput,
+    CancelToken,
+    ModelCard,
+    Segment,
+    SpeechOptions,
+    Transcription,
+    TranscriptionOptions,
+    TtsBackend,
+    Upstream,
+    Word,
+)
+from .config import Config  # noqa: E402
+from .errors import (  # noqa: E402
+    AistackError,
+    BadGateway,
+    Cancelled,
+    GatewayTimeout,
+    Malformed,
+    Network,
+    Overflow,
+    Unknown,
+)
+from .hookspecs import hookimpl  # noqa: E402
+
+__all__ = [
+    "__version__", "hookimpl", "Config",
+    "AsrBackend", "AudioInput", "CancelToken", "ModelCard", "Segment", "SpeechOptions",
+    "Transcription", "TranscriptionOptions", "TtsBackend", "Upstream", "Word",
+    "AistackError", "BadGateway", "Cancelled", "GatewayTimeout", "Malformed", "Network", "Overflow", "Unknown",
+]

@@ -1,0 +1,214 @@
+"""What a plugin implements, and the value objects that cross the border.
+
+A backend plugin registers objects that satisfy one of the protocols
+below.  The core calls them; they never see HTTP.  Blocking methods
+(``load``, ``transcribe``, ``synthesize``) always run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+import attrs
+
+from .errors import Cancelled
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import aiohttp
+    import numpy
+
+CAPABILITIES = ("asr", "tts", "llm", "embeddings")
+
+
+@attrs.frozen
+class ModelCard:
+    """One entry of ``/v1/models`` and what the core needs to route to it.
+
+    ``provider`` is the name shown in error envelopes ("Faster-Whisper").
+    ``aliases`` resolve to this card but are not listed.  For ASR,
+    ``auto_languages`` are the languages this backend is the preferred
+    choice for under the ``auto`` alias, and ``auto_priority`` orders the
+    fallback (lower wins) when no preferred backend is installed.
+    """
+
+    id: str
+    capabilities: tuple[str, ...]
+    owned_by: str
+    provider: str
+    aliases: tuple[str, ...] = ()
+    languages: tuple[str, ...] | None = None
+    supports_streaming: bool = False
+    auto_languages: tuple[str, ...] = ()
+    auto_priority: int = 100
+    can_translate: bool = False
+
+    def to_openai(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "id": self.id,
+            "object": "model",
+            "created": 0,
+            "owned_by": self.owned_by,
+            "capabilities": list(self.capabilities),
+            "supports_streaming": self.supports_streaming,
+            "is_routing_alias": False,
+        }
+        if self.languages is not None and "asr" in self.capabilities:
+            entry["languages"] = list(self.languages)
+        return entry
+
+
+class CancelToken:
+    """Set by the core when the client goes away; checked by workers between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str = "client disconnected") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(f"Request cancelled: {self.reason}.")
+
+
+# --- speech-to-text -----------------------------------------------------------
+
+
+@attrs.frozen
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float | None = None
+
+
+@attrs.frozen
+class Segment:
+    """One decoded stretch of speech.  Optional scores follow OpenAI's verbose_json."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...] = ()
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
+    compression_ratio: float | None = None
+    temperature: float | None = None
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class TranscriptionOptions:
+    language: str | None = None
+    translate: bool = False
+    prompt: str | None = None
+    temperature: float | None = None
+    word_timestamps: bool = True
+    stream: bool = False
+
+
+@attrs.define
+class Transcription:
+    """A backend's answer.  ``segments`` may be a lazy iterator: the core pulls
+    one segment at a time (in a thread) and streams it when asked to."""
+
+    language: str
+    duration: float
+    segments: Iterable[Segment]
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+
+class AudioInput(Protocol):
+    """The uploaded audio, already validated as decodable by the core."""
+
+    path: Path
+    duration: float
+
+    def samples(self, sample_rate: int = 16000) -> "numpy.ndarray":
+        """Mono float32 samples in [-1, 1] at ``sample_rate`` (decoded on call)."""
+
+
+@runtime_checkable
+class AsrBackend(Protocol):
+    card: ModelCard
+
+    def load(self) -> Any:
+        """Load the model (blocking).  The core caches what this returns."""
+
+    def transcribe(
+        self, model: Any, audio: AudioInput, options: TranscriptionOptions, cancel: CancelToken
+    ) -> Transcription:
+        """Transcribe ``audio`` with the loaded ``model``.  Raise typed errors."""
+
+
+# --- text-to-speech -----------------------------------------------------------
+
+
+@attrs.frozen
+class SpeechOptions:
+    text: str
+    voice: str
+    speed: float = 1.0
+    language: str | None = None
+    instructions: str | None = None
+
+
+@runtime_checkable
+class TtsBackend(Protocol):
+    """An in-process synthesizer.
+
+    ``synthesize`` yields mono int16 numpy arrays at ``sample_rate``, one per
+    sentence or smaller piece, so the core can stream as it goes.  When
+    ``native_speed`` is false the core time-stretches for ``speed`` itself.
+    """
+
+    card: ModelCard
+    voices: tuple[str, ...]
+    default_voice: str
+    sample_rate: int
+    native_speed: bool
+
+    def load(self) -> Any:
+        """Load the voice models (blocking)."""
+
+    def synthesize(self, model: Any, options: SpeechOptions, cancel: CancelToken) -> Iterator["numpy.ndarray"]:
+        """Yield audio chunks for ``options.text``."""
+
+
+# --- upstream proxies ---------------------------------------------------------
+
+ModelProbe = Callable[["aiohttp.ClientSession"], Awaitable[list[ModelCard]]]
+JsonRewrite = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@attrs.frozen
+class Upstream:
+    """An HTTP service the gateway forwards to (Qwen3-TTS, Ollama).
+
+    ``routes`` are the gateway paths it serves (a trailing ``*`` matches a
+    prefix).  ``probe`` lists what it can serve now; it is called with a
+    short deadline and may raise or hang, which simply hides its models.
+    ``unreachable_hint`` is appended to the 503 when nothing listens.
+    ``rewrite_json`` may adjust a JSON request body before it is sent.
+    """
+
+    name: str
+    capability: str
+    base_url: str
+    provider: str
+    routes: tuple[str, ...]
+    probe: ModelProbe
+    unreachable_hint: str
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    rewrite_json: JsonRewrite | None = None
+    evict_before: tuple[str, ...] = ()

@@ -1,0 +1,170 @@
+"""Every AISTACK_* setting, in one attrs object built from the environment.
+
+``Config.from_env()`` reads ``os.environ`` (or a given mapping); CLI flags
+and tests override fields with ``attrs.evolve``.  Third-party plugins read
+their own variables from ``config.env`` so they need no global state.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import attrs
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value.strip() == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected on/off, got {value!r}")
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _mapping(value: str | None) -> dict[str, str]:
+    """Parse ``alloy=joe,echo=amy`` into a dict."""
+    result: dict[str, str] = {}
+    for part in (value or "").split(","):
+        if "=" in part:
+            key, _, target = part.partition("=")
+            result[key.strip()] = target.strip()
+    return result
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "aistack"
+
+
+@attrs.frozen
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 11500
+    log_format: str = "text"
+    # Plugins
+    load_plugins: tuple[str, ...] | None = None  # None = all; () = none
+    # GPU slot and model cache
+    slot_wait_s: float = 0.0
+    model_keep_alive_s: float = 300.0
+    min_free_ram_mb: int = 512
+    # Speech-to-text
+    max_upload_mb: int = 1024
+    upload_dir: Path = attrs.field(factory=lambda: Path(tempfile.gettempdir()), converter=Path)
+    whisper_default: str | None = None
+    whisper_dir: Path | None = None
+    whisper_batched_above_s: float = 120.0
+    allow_downloads: bool = False
+    parakeet_model: str | None = None
+    parakeet_local_attention_above_s: float = 300.0
+    sensevoice_model: str | None = None
+    sensevoice_vad_model: str | None = None
+    # Text-to-speech
+    tts_default: str | None = None
+    tts_voice_map: dict[str, str] = attrs.field(factory=dict)
+    piper_voices_dir: Path | None = None
+    tts_cache_dir: Path = attrs.field(factory=lambda: _default_state_dir() / "tts-cache", converter=Path)
+    tts_cache_ttl_min: float = 1440.0
+    tts_cache_max_mb: int = 512
+    # Upstreams
+    qwen3_tts_url: str = "http://127.0.0.1:17860"
+    ollama_url: str = "http://127.0.0.1:11434"
+    probe_timeout_s: float = 0.5
+    probe_cache_s: float = 2.0
+    # Observability and access
+    obs_metrics: bool = True
+    obs_access_log: bool = True
+    obs_payload: bool = False
+    obs_log_dir: Path = attrs.field(factory=lambda: _default_state_dir() / "logs", converter=Path)
+    obs_payload_dir: Path = attrs.field(factory=lambda: _default_state_dir() / "payloads", converter=Path)
+    obs_payload_max_mb: int = 512
+    obs_payload_max_age_h: float = 72.0
+    obs_payload_request_cap_kb: int = 4096
+    obs_metrics_window_min: float = 60.0
+    cors_allow_origins: tuple[str, ...] = ()
+    api_key: str | None = attrs.field(default=None, repr=False)
+    # Everything, for plugins' own settings
+    env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Config":
+        env = dict(os.environ if environ is None else environ)
+
+        def get(name: str) -> str | None:
+            value = env.get("AISTACK_" + name)
+            return value if value is None or value.strip() != "" else None
+
+        def opt_path(name: str) -> Path | None:
+            value = get(name)
+            return Path(value).expanduser() if value else None
+
+        kwargs: dict = {"env": env}
+        simple = {
+            "HOST": ("host", str),
+            "PORT": ("port", int),
+            "LOG_FORMAT": ("log_format", str),
+            "SLOT_WAIT_S": ("slot_wait_s", float),
+            "MODEL_KEEP_ALIVE_SEC": ("model_keep_alive_s", float),
+            "MIN_FREE_RAM_MB": ("min_free_ram_mb", int),
+            "MAX_UPLOAD_MB": ("max_upload_mb", int),
+            "UPLOAD_DIR": ("upload_dir", Path),
+            "WHISPER_DEFAULT": ("whisper_default", str),
+            "WHISPER_BATCHED_ABOVE_S": ("whisper_batched_above_s", float),
+            "PARAKEET_MODEL": ("parakeet_model", str),
+            "PARAKEET_LOCAL_ATTENTION_ABOVE_S": ("parakeet_local_attention_above_s", float),
+            "SENSEVOICE_MODEL": ("sensevoice_model", str),
+            "SENSEVOICE_VAD_MODEL": ("sensevoice_vad_model", str),
+            "TTS_DEFAULT": ("tts_default", str),
+            "TTS_CACHE_DIR": ("tts_cache_dir", Path),
+            "TTS_CACHE_TTL_MIN": ("tts_cache_ttl_min", float),
+            "TTS_CACHE_MAX_MB": ("tts_cache_max_mb", int),
+            "QWEN3_TTS_URL": ("qwen3_tts_url", str),
+            "OLLAMA_URL": ("ollama_url", str),
+            "PROBE_TIMEOUT_S": ("probe_timeout_s", float),
+            "PROBE_CACHE_S": ("probe_cache_s", float),
+            "OBS_LOG_DIR": ("obs_log_dir", Path),
+            "OBS_PAYLOAD_DIR": ("obs_payload_dir", Path),
+            "OBS_PAYLOAD_MAX_MB": ("obs_payload_max_mb", int),
+            "OBS_PAYLOAD_MAX_AGE_H": ("obs_payload_max_age_h", float),
+            "OBS_PAYLOAD_REQUEST_CAP_KB": ("obs_payload_request_cap_kb", int),
+            "OBS_METRICS_WINDOW_MIN": ("obs_metrics_window_min", float),
+            "API_KEY": ("api_key", str),
+        }
+        for var, (field, convert) in simple.items():
+            value = get(var)
+            if value is not None:
+                try:
+                    kwargs[field] = convert(value)
+                except ValueError as exc:
+                    raise ValueError(f"AISTACK_{var}: {exc}") from None
+        for var, field, default in (
+            ("ALLOW_DOWNLOADS", "allow_downloads", False),
+            ("OBS_METRICS", "obs_metrics", True),
+            ("OBS_ACCESS_LOG", "obs_access_log", True),
+            ("OBS_PAYLOAD", "obs_payload", False),
+        ):
+            try:
+                kwargs[field] = _flag(env.get("AISTACK_" + var), default)
+            except ValueError as exc:
+                raise ValueError(f"AISTACK_{var}: {exc}") from None
+        # An empty AISTACK_LOAD_PLUGINS means "load none", so read it raw.
+        if "AISTACK_LOAD_PLUGINS" in env:
+            kwargs["load_plugins"] = _csv(env["AISTACK_LOAD_PLUGINS"])
+        kwargs["whisper_dir"] = opt_path("WHISPER_DIR")
+        kwargs["piper_voices_dir"] = opt_path("PIPER_VOICES_DIR")
+        kwargs["tts_voice_map"] = _mapping(get("TTS_VOICE_MAP"))
+        kwargs["cors_allow_origins"] = _csv(get("CORS_ALLOW_ORIGINS")) or ()
+        return cls(**kwargs)

@@ -1,0 +1,151 @@
+"""Typed errors and the one middleware that turns them into the envelope.
+
+Code anywhere in aistack raises one of the classes below; nothing else
+builds ``{"error": {...}}`` bodies.  The five kinds and their statuses are
+part of the public contract (integration guide, section 8)::
+
+    malformed 400 · overflow 413 · cancelled 499 · network 503 · unknown 500
+
+The proxies also need 502 and 504, which keep the ``network`` kind.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Mapping
+
+from aiohttp import web
+
+log = logging.getLogger("aistack.errors")
+
+ENVELOPE_KINDS = ("network", "malformed", "overflow", "cancelled", "unknown")
+
+
+class AistackError(Exception):
+    """Base of every error that reaches a client as an envelope."""
+
+    kind: ClassVar[str] = "unknown"
+    status: ClassVar[int] = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "aistack",
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        if status is not None:
+            self.status = status
+        self.headers = dict(headers or {})
+
+    def envelope(self) -> dict:
+        return {"error": {"kind": self.kind, "provider": self.provider, "message": self.message}}
+
+    def to_response(self) -> web.Response:
+        return web.json_response(self.envelope(), status=self.status, headers=self.headers)
+
+
+class Malformed(AistackError):
+    """The client sent something we cannot use (400)."""
+
+    kind = "malformed"
+    status = 400
+
+
+class Unauthorized(Malformed):
+    """Missing or wrong API key (401; the contract has no separate kind)."""
+
+    status = 401
+
+
+class Overflow(AistackError):
+    """The input is larger than allowed (413)."""
+
+    kind = "overflow"
+    status = 413
+
+
+class Cancelled(AistackError):
+    """The client went away before we finished (499)."""
+
+    kind = "cancelled"
+    status = 499
+
+
+class Network(AistackError):
+    """A backend or upstream cannot serve now (503)."""
+
+    kind = "network"
+    status = 503
+
+
+class Busy(Network):
+    """The GPU slot is taken; the client should retry after ``Retry-After``."""
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class BadGateway(Network):
+    """An upstream answered with something that is not usable HTTP (502)."""
+
+    status = 502
+
+
+class GatewayTimeout(Network):
+    """An upstream did not answer in time (504)."""
+
+    status = 504
+
+
+class Unknown(AistackError):
+    """Anything that fits no other kind (500)."""
+
+
+_HTTP_STATUS_MESSAGES = {
+    404: "No such endpoint: {method} {path}. See GET /v1/models and the README for the routes aistack serves.",
+    405: "Method {method} is not allowed on {path}.",
+}
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> AistackError:
+    template = _HTTP_STATUS_MESSAGES.get(exc.status)
+    message = template.format(method=request.method, path=request.path) if template else exc.reason
+    if exc.status == 413:
+        return Overflow(f"Request body too large: {exc.text or exc.reason}")
+    if exc.status == 401:
+        return Unauthorized(message)
+    error = Malformed(message, status=exc.status) if exc.status < 500 else Unknown(message, status=exc.status)
+    if exc.status == 405 and "Allow" in exc.headers:
+        error.headers["Allow"] = exc.headers["Allow"]
+    return error
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Turn every exception into the envelope, unless the response already started.
+
+    A streamed response whose headers are out cannot change status; the
+    capability that streams reports failures in-band (an SSE ``error``
+    event) and the exception is only logged here.
+    """
+    try:
+        return await handler(request)
+    except AistackError as exc:
+        return exc.to_response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(exc, request).to_response()
+    except (ConnectionResetError, ConnectionAbortedError):
+        # The client is gone: there is no one to answer.
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return Unknown(
+            "Internal error in aistack; the server log has the details (search it for this request's X-Request-ID)."
+        ).to_response()

@@ -1,0 +1,64 @@
+"""The hooks an aistack plugin may implement.
+
+Plugins write ``from aistack_core import hookimpl`` and decorate functions
+named after the specs below.  Every ``register_*`` hook receives a
+``register`` callback instead of returning a list, so the core can check
+each registration as it happens and remember which plugin made it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .backends import AsrBackend, TtsBackend, Upstream
+    from .config import Config
+
+PROJECT = "aistack"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_asr_backends(register: "Callable[[AsrBackend], None]", config: "Config") -> None:
+    """Register in-process speech-to-text backends.
+
+    :param register: call once per backend with an object satisfying
+        :class:`aistack_core.backends.AsrBackend`.  Registering an id or alias
+        that another plugin already holds raises ``ValueError`` naming both.
+    :param config: the server's settings; read plugin-specific variables
+        from ``config.env``.
+
+    Import the backend's heavy library at the top of the plugin module: a
+    module that fails to import is recorded as skipped and never called.
+    Do not load weights here; ``AsrBackend.load`` is called on first use.
+    """
+
+
+@hookspec
+def register_tts_backends(register: "Callable[[TtsBackend], None]", config: "Config") -> None:
+    """Register in-process text-to-speech backends.
+
+    :param register: call once per backend with an object satisfying
+        :class:`aistack_core.backends.TtsBackend`.
+    :param config: the server's settings.
+
+    Requests whose ``model`` names one of these backends (or one of
+    OpenAI's ``tts-1`` ids, mapped to the configured default) are served
+    in-process; all other ``/v1/audio/*`` traffic goes to the TTS upstream.
+    """
+
+
+@hookspec
+def register_upstreams(register: "Callable[[Upstream], None]", config: "Config") -> None:
+    """Register HTTP upstreams the gateway proxies to.
+
+    :param register: call once per :class:`aistack_core.backends.Upstream`.
+    :param config: the server's settings.
+
+    An upstream's models appear in ``/v1/models`` only while its ``probe``
+    answers within the probe deadline.
+    """
