@@ -1,0 +1,6 @@
+"""placeholder"""
+from aiohttp import web
+
+
+def setup(app: web.Application) -> None:
+    pass
