@@ -21,7 +21,7 @@ from .context import (
 )
 from .errors import error_middleware
 from .model_cache import ModelCache
-from .observe import echo_request_id, request_id_middleware
+from . import observe
 from .plugins import PluginSet, load_plugins
 from .registry import Registry
 from .slot import GpuSlot
@@ -79,7 +79,7 @@ def create_app(config: Config | None = None, *, plugins: PluginSet | None = None
     registry = Registry.from_plugins(plugins, config)
 
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[*observe.middlewares(config), error_middleware, *observe.inner_middlewares(config)],
         client_max_size=MAX_JSON_BODY,
     )
     app[config_key] = config
@@ -87,10 +87,10 @@ def create_app(config: Config | None = None, *, plugins: PluginSet | None = None
     app[registry_key] = registry
     app[slot_key] = GpuSlot(wait_s=config.slot_wait_s)
     app[model_cache_key] = ModelCache(keep_alive_s=config.model_keep_alive_s, min_free_mb=config.min_free_ram_mb)
-    app.on_response_prepare.append(echo_request_id)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_model_cache_sweeper)
 
+    observe.setup(app)
     for capability in (health, models, asr, tts, llm):
         capability.setup(app)
     return app

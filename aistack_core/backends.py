@@ -197,8 +197,12 @@ class Upstream:
     ``routes`` are the gateway paths it serves (a trailing ``*`` matches a
     prefix).  ``probe`` lists what it can serve now; it is called with a
     short deadline and may raise or hang, which simply hides its models.
-    ``unreachable_hint`` is appended to the 503 when nothing listens.
+    ``unreachable_hint`` is the 503 message when nothing listens.
     ``rewrite_json`` may adjust a JSON request body before it is sent.
+    ``timeout_status`` is what a read timeout before the answer's headers
+    becomes: 504 for an upstream that is merely slow to answer, 502 where
+    the upstream's own contract treats every transport failure as a bad
+    gateway (Qwen3-TTS).
     """
 
     name: str
@@ -212,3 +216,4 @@ class Upstream:
     read_timeout: float = 600.0
     rewrite_json: JsonRewrite | None = None
     evict_before: tuple[str, ...] = ()
+    timeout_status: int = 504

@@ -75,3 +75,37 @@ class RequestIdLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = current_request_id.get()
         return True
+
+
+def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Root logging for ``aistack serve``: text or one JSON object per line."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdLogFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def middlewares(config) -> list:
+    """The observability middlewares, outermost first (request id always)."""
+    return [request_id_middleware]
+
+
+def setup(app: web.Application) -> None:
+    """Routes and signals of the observability layer."""
+    app.on_response_prepare.append(echo_request_id)
+
+
+def inner_middlewares(config) -> list:
+    """Middlewares that run inside the error middleware (their errors become envelopes)."""
+    return []
+
+
+def warn_if_exposed(config) -> None:
+    """Log a warning when binding beyond loopback without an API key."""
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        logging.getLogger("aistack").warning(
+            "listening on %s without AISTACK_API_KEY: anyone who can reach this address can use the GPU",
+            config.host,
+        )

