@@ -11,6 +11,7 @@ run in a worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
@@ -177,9 +178,10 @@ def _counted_duration(frames: Iterable[Any]) -> float:
 def probe(path: str | os.PathLike[str]) -> AudioProbe:
     """Check that ``path`` is decodable audio and describe it.
 
-    Decodes only the first frame when the container states a duration, so a
-    long upload is cheap to check; decodes everything (counting samples) when
-    it does not, as with a streamed FLAC or a browser's WebM recording.
+    Decodes only the first half second when the container states a
+    duration, so a long upload is cheap to check; decodes everything
+    (counting samples) when it states none, as with a streamed FLAC or a
+    browser's WebM recording, or when its figure is a guess (ADTS AAC).
     Raises ``Malformed`` for anything a client could fix by sending a
     different file.
     """
@@ -190,9 +192,10 @@ def probe(path: str | os.PathLike[str]) -> AudioProbe:
         raise _not_audio(f"cannot read it: {exc.strerror}") from exc
     if size == 0:
         raise _not_audio("the file is empty")
-    with _open_input(path) as container:
-        stream = _first_audio_stream(container)
-        frames = _decoded_frames(container, stream)
+    with _open_input(path) as container, contextlib.closing(
+        _decoded_frames(container, _first_audio_stream(container))
+    ) as frames:
+        stream = container.streams.audio[0]
         head = _decode_head(frames)
         if not head:
             raise _not_audio("the audio track holds no samples")
@@ -438,6 +441,7 @@ def encode(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
         return _wav_header(sample_rate, 1, 16, data_size=len(data), riff_size=36 + len(data)) + data
     buffer = io.BytesIO()
     writer = _CodecWriter(fmt, sample_rate, buffer, options={})
+    writer.start()  # so that even no audio at all gives a well-formed file
     writer.write(pcm)
     writer.finish()
     return buffer.getvalue()

@@ -62,7 +62,8 @@ def write_distribution(root, dist: str, modules: dict[str, str]) -> None:
     """A minimal installed distribution on ``root`` with entry points in group aistack."""
     for name, source in modules.items():
         (root / f"{name}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist}-1.0.dist-info"
+    # Installers write the name with underscores; a hyphen would end the name early.
+    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
     entry_points = "\n".join(f"{name} = {name}" for name in modules)

