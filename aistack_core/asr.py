@@ -27,7 +27,7 @@ from .config import Config
 from .context import config_key, model_cache_key, registry_key, slot_key
 from .errors import AistackError, Cancelled, Malformed, Overflow, Unknown
 from .observe import request_info
-from .registry import Registered
+from .registry import AUTO_ALIAS, Registered, normalize_language
 from .segments import subtitle_cues
 from .streaming import cancel_on_disconnect, iterate_in_thread
 
@@ -257,6 +257,11 @@ def render(result: Transcription, segments: list[Segment], response_format: str,
 # --- running ------------------------------------------------------------------
 
 
+def _speaks(card, language: str | None) -> bool:
+    lang = normalize_language(language)
+    return lang is None or card.languages is None or lang in card.languages
+
+
 def _options(parsed: TranscriptionRequest) -> TranscriptionOptions:
     return TranscriptionOptions(
         language=parsed.language,
@@ -370,6 +375,10 @@ async def transcribe(request: web.Request) -> web.StreamResponse:
         card = entry.card
         info.model, info.provider = card.id, card.provider
         info.extras.update(stream=parsed.stream, response_format=parsed.response_format)
+        if parsed.model.lower() in ("", AUTO_ALIAS) and not _speaks(card, parsed.language):
+            # `auto` fell back to a model without this language: the hint is only a hint,
+            # so let the model detect (or assume) its own language rather than refuse.
+            parsed.language = None
         if parsed.translate and not card.can_translate:
             raise Malformed(
                 f"translate=true needs a multilingual Whisper model; {card.id} cannot translate.",

@@ -100,7 +100,7 @@ class RequestOutcome:
     def to_record(self) -> dict[str, Any]:
         """The access-log / JSON form (one flat object)."""
         record: dict[str, Any] = {
-            "ts": _iso_utc(self.started_at),
+            "ts": iso_utc(self.started_at),
             "request_id": self.request_id,
             "method": self.method,
             "path": self.path,
@@ -124,7 +124,7 @@ class RequestOutcome:
         return record
 
 
-def _iso_utc(epoch: float) -> str:
+def iso_utc(epoch: float) -> str:
     seconds = time.gmtime(epoch)
     millis = int((epoch - math.floor(epoch)) * 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{millis:03d}Z"

