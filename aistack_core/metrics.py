@@ -225,7 +225,9 @@ class Metrics:
         if outcome.slot_wait_s is not None:
             totals.slot_wait.observe(outcome.slot_wait_s)
         audio_sec = rtf = None
-        if outcome.extras:
+        # Audio counts only when it was served: a busy or failed request may
+        # know its upload's length but processed none of it.
+        if outcome.extras and outcome.outcome_class == "2xx":
             audio_sec = outcome.audio_sec
             rtf = outcome.rtf
             if audio_sec is not None:

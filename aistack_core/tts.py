@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.parser
 import email.policy
 import json
@@ -95,9 +96,17 @@ def _pick_backend(registry: Registry, model: str, voice: str | None) -> Register
         return entry
     # An OpenAI model id with a voice that another in-process model owns: use that model.
     for other in registry.tts.values():
-        if voice in other.backend.voices:
+        if _match_voice(other.backend, voice) is not None:
             return other
     return entry
+
+
+def _match_voice(backend, name: str) -> str | None:
+    """The backend's own spelling of ``name`` (voice names are case-insensitive)."""
+    if not isinstance(name, str):
+        return None
+    lowered = name.lower()
+    return next((voice for voice in backend.voices if voice.lower() == lowered), None)
 
 
 def _voice(entry: Registered, requested: Any, config: Config) -> str:
@@ -106,11 +115,12 @@ def _voice(entry: Registered, requested: Any, config: Config) -> str:
         return backend.default_voice
     if not isinstance(requested, str):
         raise Malformed("'voice' must be a string naming a voice.")
-    if requested in backend.voices:
-        return requested
+    own = _match_voice(backend, requested)
+    if own is not None:
+        return own
     if requested.lower() in OPENAI_VOICES:
-        mapped = config.tts_voice_map.get(requested.lower())
-        return mapped if mapped in backend.voices else backend.default_voice
+        mapped = _match_voice(backend, config.tts_voice_map.get(requested.lower(), ""))
+        return mapped or backend.default_voice
     valid = ", ".join((*backend.voices, *OPENAI_VOICES))
     raise Malformed(f"Unknown voice {requested!r} for {entry.card.id}. Valid voices: {valid}.", provider=entry.card.provider)
 
@@ -264,7 +274,7 @@ async def _stream(request, speech: SpeechRequest, model, cancel, content_type, h
 
     completed = False
     try:
-        await send(encoder.header())
+        await send(await asyncio.to_thread(encoder.header))
         async for pcm in iterate_in_thread(lambda: _synthesize(speech.entry, model, speech.options, cancel)):
             samples += int(pcm.size)
             await send(await asyncio.to_thread(encoder.feed, pcm))
@@ -356,6 +366,27 @@ async def list_voices(request: web.Request) -> web.Response:
     })
 
 
+CACHE_SWEEP_INTERVAL_S = 600.0
+
+
+async def _sweep_cache(app: web.Application):
+    """Drop expired cache entries now and then, not only when they are asked for."""
+
+    async def sweep_forever() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(app[tts_cache_key].sweep)
+            except OSError as exc:
+                log.warning("TTS cache sweep failed: %s", exc)
+            await asyncio.sleep(CACHE_SWEEP_INTERVAL_S)
+
+    task = asyncio.create_task(sweep_forever())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def setup(app: web.Application) -> None:
     config = app[config_key]
     app[tts_cache_key] = TtsCache(
@@ -363,5 +394,6 @@ def setup(app: web.Application) -> None:
         ttl_s=config.tts_cache_ttl_min * 60,
         max_bytes=config.tts_cache_max_mb * 1024 * 1024,
     )
+    app.cleanup_ctx.append(_sweep_cache)
     app.router.add_get("/v1/voices", list_voices)
     app.router.add_route("*", "/v1/audio/{tail:.*}", audio_route)

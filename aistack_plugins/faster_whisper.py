@@ -563,8 +563,15 @@ class FasterWhisperBackend:
             )
         return "translate"
 
-    def decodes_batched(self, duration: float) -> bool:
-        """Long files go through the batched pipeline: several 30 s windows per model call."""
+    def decodes_batched(self, duration: float, stream: bool = False, on_gpu: bool = False) -> bool:
+        """Long files go through the batched pipeline: several 30 s windows per model call.
+
+        Not for a streamed request on the CPU: there a batch of windows takes
+        seconds, which delays the first event and makes a cancel wait for
+        the whole batch; one window at a time answers sooner.
+        """
+        if stream and not on_gpu:
+            return False
         return duration > self.batched_above_s
 
     def transcribe(
@@ -579,7 +586,7 @@ class FasterWhisperBackend:
         if samples.size == 0:
             return Transcription(language=language or "en", duration=0.0, segments=())
         cancel.raise_if_cancelled()  # decoding an hour of audio takes a while
-        batched = self.decodes_batched(audio.duration)
+        batched = self.decodes_batched(audio.duration, options.stream, model.device.device == "cuda")
         settings = transcribe_settings(options, language, task, batched)
         if batched:
             pipeline = model.batched()

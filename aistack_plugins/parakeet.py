@@ -128,10 +128,14 @@ def resolve_weights(config: Config) -> Path | str:
         return cached
     if config.allow_downloads and not hf_constants.HF_HUB_OFFLINE:
         return name
+    how = (
+        "unset HF_HUB_OFFLINE so AISTACK_ALLOW_DOWNLOADS can fetch it"
+        if config.allow_downloads
+        else "allow downloads with AISTACK_ALLOW_DOWNLOADS=on"
+    )
     raise Network(
         f"{name} is not available locally: it is not in the Hugging Face cache. Download it once "
-        f"(huggingface-cli download {name}), set AISTACK_PARAKEET_MODEL to a .nemo file, or allow "
-        f"downloads with AISTACK_ALLOW_DOWNLOADS=on.",
+        f"(huggingface-cli download {name}), set AISTACK_PARAKEET_MODEL to a .nemo file, or {how}.",
         provider=PROVIDER,
     )
 
@@ -268,9 +272,11 @@ class ParakeetBackend:
                     "Not enough GPU memory to load Parakeet; free the GPU or use a smaller Whisper model.",
                     provider=PROVIDER,
                 ) from exc
-            if isinstance(source, str):
-                raise Network(f"Could not download {source}: {type(exc).__name__}: {exc}", provider=PROVIDER) from exc
-            raise
+            log.warning("loading Parakeet from %s failed", source, exc_info=True)
+            verb = "download" if isinstance(source, str) else "load"
+            raise Network(
+                f"Could not {verb} Parakeet from {source}: {type(exc).__name__}: {exc}", provider=PROVIDER
+            ) from exc
         model.eval()
         return LoadedParakeet(model, device)
 

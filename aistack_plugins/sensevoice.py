@@ -263,9 +263,11 @@ class SenseVoiceBackend:
         except Exception as exc:
             if _is_out_of_memory(exc):
                 raise Overflow("Not enough GPU memory to load SenseVoice.", provider=PROVIDER) from exc
-            if allow and not (Path(model).is_dir() and Path(vad).is_dir()):
-                raise Network(f"Could not fetch SenseVoice: {type(exc).__name__}: {exc}", provider=PROVIDER) from exc
-            raise
+            log.warning("loading SenseVoice from %s and %s failed", model, vad, exc_info=True)
+            raise Network(
+                f"Could not load SenseVoice ({model}) with fsmn-vad ({vad}): {type(exc).__name__}: {exc}",
+                provider=PROVIDER,
+            ) from exc
         return LoadedSenseVoice(asr=asr_model, vad=vad_model, device=device)
 
     def _language(self, options: TranscriptionOptions) -> str:

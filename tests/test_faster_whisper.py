@@ -298,3 +298,12 @@ def test_downloads_need_both_the_setting_and_a_reachable_hub(tmp_path, monkeypat
     monkeypatch.setattr(fw.hf_constants, "HF_HUB_OFFLINE", False)
     assert fw.downloads_possible(config(tmp_path, allow_downloads=True))
     assert not fw.downloads_possible(config(tmp_path, allow_downloads=False))
+
+
+def test_streamed_requests_on_cpu_skip_the_batched_pipeline():
+    from aistack_core.config import Config
+
+    backend = next(b for b in fw.build_backends(Config(whisper_batched_above_s=10)) if b.card.id == "whisper-tiny.en")
+    assert backend.decodes_batched(60.0)
+    assert not backend.decodes_batched(60.0, stream=True, on_gpu=False)
+    assert backend.decodes_batched(60.0, stream=True, on_gpu=True)

@@ -1,0 +1,222 @@
+"""What observability costs: requests per second with it on and with it off.
+
+Two ``aistack serve`` subprocesses run side by side, identical except for
+the observability switches:
+
+* ``on``:  AISTACK_OBS_METRICS=on, AISTACK_OBS_ACCESS_LOG=on (to a temp
+  dir), AISTACK_OBS_PAYLOAD=off;
+* ``off``: all three off (only the request id remains).
+
+Two workloads, each alternated on/off/off/on round by round so drift (CPU
+boost, other load) hits both sides alike:
+
+* ``GET /health``;
+* a small in-process request: ``POST /v1/audio/speech`` with the Piper
+  voice, a short sentence, served from the TTS cache after one warm-up
+  (the full in-process path minus synthesis, so the per-request cost of
+  observability is not hidden behind seconds of inference).
+
+The load generator is a minimal keep-alive HTTP/1.1 client on raw asyncio
+streams (a few microseconds per request), so the server process, not the
+client, is what saturates.  Besides requests per second it prints the
+server's own CPU time per request.  Target: median rps with observability
+on at most 5 % below off.
+
+    python bench/bench_observe.py [--rounds 6] [--seconds 3] [--connections 8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_OVERHEAD = 0.05
+SPEECH_BODY = json.dumps({"model": "piper", "input": "Hello there.", "response_format": "pcm"}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``python -m aistack_core.cli serve`` with only the piper plugin and its state in ``workdir``."""
+
+    def __init__(self, name: str, workdir: Path, observability: bool) -> None:
+        self.name = name
+        self.port = free_port()
+        self.workdir = workdir
+        switch = "on" if observability else "off"
+        env = dict(os.environ)
+        env.update(
+            AISTACK_LOAD_PLUGINS="piper",
+            AISTACK_OBS_METRICS=switch,
+            AISTACK_OBS_ACCESS_LOG=switch,
+            AISTACK_OBS_PAYLOAD="off",
+            AISTACK_OBS_LOG_DIR=str(workdir / "logs"),
+            AISTACK_OBS_PAYLOAD_DIR=str(workdir / "payloads"),
+            AISTACK_TTS_CACHE_DIR=str(workdir / "tts-cache"),
+            AISTACK_UPLOAD_DIR=str(workdir),
+            HF_HUB_OFFLINE="1",
+        )
+        self._log = open(workdir / "server.log", "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "aistack_core.cli", "serve", "--port", str(self.port)],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited:\n{(self.workdir / 'server.log').read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.name} server did not start")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+def build_request(method: str, path: str, body: bytes = b"") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:
+        raise RuntimeError(f"response without Content-Length: {head!r}")
+    await reader.readexactly(length)
+    return status
+
+
+async def hammer(port: int, request: bytes, connections: int, seconds: float) -> int:
+    """Requests completed in ``seconds`` over ``connections`` keep-alive connections."""
+    deadline = time.perf_counter() + seconds
+
+    async def connection() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        done = 0
+        try:
+            while time.perf_counter() < deadline:
+                status = await exchange(reader, writer, request)
+                if status != 200:
+                    raise RuntimeError(f"status {status}")
+                done += 1
+        finally:
+            writer.close()
+        return done
+
+    return sum(await asyncio.gather(*(connection() for _ in range(connections))))
+
+
+async def run(rounds: int, seconds: float, connections: int) -> dict:
+    workloads = {
+        "GET /health": build_request("GET", "/health"),
+        "POST /v1/audio/speech (piper, cached)": build_request("POST", "/v1/audio/speech", SPEECH_BODY),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-observe-") as tmp:
+        servers = {}
+        for name, observability in (("on", True), ("off", False)):
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            servers[name] = Server(name, workdir, observability)
+        try:
+            for server in servers.values():
+                server.wait_ready()
+                # Warm-up: loads the voice, fills the TTS cache, settles the allocator.
+                await hammer(server.port, workloads["POST /v1/audio/speech (piper, cached)"], 1, 0.5)
+                await hammer(server.port, workloads["GET /health"], connections, 0.5)
+            results: dict = {}
+            for label, request in workloads.items():
+                rps: dict[str, list[float]] = {"on": [], "off": []}
+                cpu_us: dict[str, list[float]] = {"on": [], "off": []}
+                for round_number in range(rounds):
+                    order = ("on", "off") if round_number % 2 == 0 else ("off", "on")
+                    for name in order:
+                        server = servers[name]
+                        cpu_before = server.cpu_seconds()
+                        done = await hammer(server.port, request, connections, seconds)
+                        cpu = server.cpu_seconds() - cpu_before
+                        rps[name].append(done / seconds)
+                        cpu_us[name].append(cpu / done * 1e6)
+                on, off = statistics.median(rps["on"]), statistics.median(rps["off"])
+                results[label] = {
+                    "rps_on": round(on, 1),
+                    "rps_off": round(off, 1),
+                    "overhead": round(1 - on / off, 4),
+                    "cpu_us_per_request_on": round(statistics.median(cpu_us["on"]), 1),
+                    "cpu_us_per_request_off": round(statistics.median(cpu_us["off"]), 1),
+                    "rounds_on": [round(x) for x in rps["on"]],
+                    "rounds_off": [round(x) for x in rps["off"]],
+                }
+            log_lines = sum(
+                len(path.read_text().splitlines()) for path in (Path(tmp) / "on" / "logs").glob("access-*.jsonl")
+            )
+            results["access_log_lines_written_by_on"] = log_lines
+        finally:
+            for server in servers.values():
+                server.stop()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = asyncio.run(run(args.rounds, args.seconds, args.connections))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"{'workload':40} {'rps on':>9} {'rps off':>9} {'overhead':>9} {'cpu µs/req on/off':>19}")
+        for label, row in results.items():
+            if not isinstance(row, dict):
+                continue
+            verdict = "ok" if row["overhead"] <= TARGET_OVERHEAD else "OVER TARGET"
+            print(
+                f"{label:40} {row['rps_on']:9.0f} {row['rps_off']:9.0f} {row['overhead']:9.1%} "
+                f"{row['cpu_us_per_request_on']:>9.0f}/{row['cpu_us_per_request_off']:<9.0f} {verdict}"
+            )
+        print(f"access-log lines written by the 'on' server: {results['access_log_lines_written_by_on']}")
+    worst = max(row["overhead"] for row in results.values() if isinstance(row, dict))
+    return 0 if worst <= TARGET_OVERHEAD else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

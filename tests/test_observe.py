@@ -1,0 +1,456 @@
+"""Observability over real HTTP: metrics by class, Prometheus text, access log, payload capture, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aistack_core import ModelCard, hookimpl
+from aistack_core.access_log import AccessLog
+from aistack_core.capture import PayloadStore
+from aistack_core.metrics import RequestOutcome
+from aistack_core.observe import (
+    configure_logging,
+    current_request_id,
+    observability_key,
+    observe_middleware,
+)
+
+from .helpers import BackendPlugin, SlowAsr, tone_wav
+from .test_core import assert_envelope, form
+
+
+class SineTts:
+    """An in-process TTS test backend: ``pieces`` chunks of a 440 Hz tone."""
+
+    def __init__(self, model_id: str = "sine-tts", pieces: int = 3, piece_s: float = 0.2) -> None:
+        self.card = ModelCard(id=model_id, capabilities=("tts",), owned_by="tests", provider="SineTTS",
+                              supports_streaming=True)
+        self.voices = ("tone",)
+        self.default_voice = "tone"
+        self.sample_rate = 16000
+        self.native_speed = True
+        self.pieces, self.piece_s = pieces, piece_s
+
+    def load(self):
+        return object()
+
+    def synthesize(self, model, options, cancel):
+        t = np.arange(int(self.sample_rate * self.piece_s)) / self.sample_rate
+        for _ in range(self.pieces):
+            cancel.raise_if_cancelled()
+            yield (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+
+
+class TtsPlugin:
+    def __init__(self, backend) -> None:
+        self.backend = backend
+
+    @hookimpl
+    def register_tts_backends(self, register, config):
+        register(self.backend)
+
+
+def utc_today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+async def admin_metrics(client) -> dict:
+    response = await client.get("/admin/api/metrics", params={"recent": "100"})
+    assert response.status == 200
+    return await response.json()
+
+
+async def prometheus_samples(client) -> dict[tuple[str, frozenset], float]:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):  # raises on malformed exposition
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+async def eventually(predicate, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
+async def flush(client) -> None:
+    observability = client.app[observability_key]
+    for sink in (observability.access_log, observability.payloads):
+        if sink is not None:
+            assert await asyncio.to_thread(sink.writer.wait_until_handled, 5.0)
+
+
+# --- metrics --------------------------------------------------------------------
+
+
+async def test_metrics_move_for_every_class(make_client, tmp_path):
+    ok = SlowAsr("slow-asr", steps=2, step_s=0.05)
+    broken = SlowAsr("bad-asr", fail_with=RuntimeError("boom"))
+    holder = SlowAsr("hold-asr", steps=100, step_s=0.1)
+    client = await make_client(plugins={"asr": BackendPlugin(ok, broken, holder)})
+    wav = tone_wav(tmp_path / "tone.wav", seconds=1.0)
+    url = "/v1/audio/transcriptions"
+
+    assert (await client.post(url, data=form(wav, model="slow-asr"))).status == 200
+    assert (await client.post(url, data=form(wav, model="no-such-model"))).status == 400
+    assert (await client.post(url, data=form(wav, model="bad-asr"))).status == 500
+
+    # hold-asr streams and keeps the slot; meanwhile another request is shed.
+    stream = await client.post(url, data=form(wav, model="hold-asr", stream="true"))
+    await stream.content.readline()
+    busy = await client.post(url, data=form(wav, model="slow-asr"))
+    assert busy.status == 503 and busy.headers["Retry-After"] == "5"
+    assert_envelope(await busy.json(), "network")
+    during = await admin_metrics(client)
+    assert during["slot"]["busy"] is True and during["slot"]["model"] == "hold-asr"
+    samples = await prometheus_samples(client)
+    assert samples[("aistack_slot_busy", frozenset())] == 1
+    assert samples[("aistack_slot_holder", frozenset({("capability", "asr"), ("model", "hold-asr")}))] == 1
+    stream.close()  # the client hangs up mid-transcription
+
+    async def disconnect_counted():
+        body = await admin_metrics(client)
+        return body["metrics"]["capabilities"]["asr"]["totals"]["by_class"].get("client-disconnect")
+
+    assert await eventually(disconnect_counted) == 1
+    body = await admin_metrics(client)
+    asr = body["metrics"]["capabilities"]["asr"]
+    assert asr["totals"]["by_class"] == {"2xx": 1, "4xx": 1, "5xx": 1, "503-busy": 1, "client-disconnect": 1}
+    assert asr["window"]["requests"] == 5
+    models = asr["models"]
+    assert models["slow-asr"]["totals"]["by_class"] == {"2xx": 1, "503-busy": 1}
+    assert models["bad-asr"]["totals"]["by_class"] == {"5xx": 1}
+    assert models["hold-asr"]["totals"]["by_class"] == {"client-disconnect": 1}
+    served = models["slow-asr"]["window"]
+    assert served["latency_ms"]["p50"] > 0 and served["latency_ms"]["p99"] >= served["latency_ms"]["p50"]
+    assert served["slot_wait_ms"]["p50"] is not None
+    assert served["audio_sec"] == pytest.approx(1.0, abs=0.01)  # only the served request's audio counts
+    assert 0 < served["rtf"]["p50"] < 5
+    assert body["slot"]["busy"] is False and body["slot"]["busy_rejections"] == 1
+    assert {m["key"] for m in body["loaded_models"]} >= {"slow-asr", "hold-asr"}
+    recent = [r for r in body["metrics"]["recent"] if r["capability"] == "asr"]  # newest first
+    assert [r["class"] for r in recent] == ["client-disconnect", "503-busy", "5xx", "4xx", "2xx"]
+    assert recent[0]["model"] == "hold-asr" and recent[0]["stream"] is True
+
+    samples = await prometheus_samples(client)
+
+    def requests(model: str, outcome_class: str) -> float:
+        key = ("aistack_requests_total",
+               frozenset({("capability", "asr"), ("model", model), ("class", outcome_class)}))
+        return samples.get(key, 0)
+
+    assert requests("slow-asr", "2xx") == 1 and requests("slow-asr", "503-busy") == 1
+    assert requests("bad-asr", "5xx") == 1 and requests("hold-asr", "client-disconnect") == 1
+    assert requests("", "4xx") == 1  # the unknown model never resolved
+    slow = frozenset({("capability", "asr"), ("model", "slow-asr")})
+    assert samples[("aistack_request_duration_seconds_count", slow)] == 2
+    assert samples[("aistack_slot_wait_seconds_count", slow)] == 1
+    assert samples[("aistack_audio_seconds_total", slow)] == pytest.approx(1.0, abs=0.01)
+    assert samples[("aistack_realtime_factor_count", slow)] == 1
+    assert samples[("aistack_slot_busy", frozenset())] == 0
+    assert samples[("aistack_slot_busy_rejections_total", frozenset())] == 1
+    assert samples[("aistack_model_loaded", frozenset({("model", "slow-asr"), ("category", "asr")}))] == 1
+    gateway = frozenset({("capability", "gateway"), ("model", ""), ("class", "2xx")})
+    assert samples[("aistack_requests_total", gateway)] >= 2  # the admin and metrics reads themselves
+
+
+async def test_in_process_tts_reports_audio_and_rtf(make_client):
+    client = await make_client(plugins={"tts": TtsPlugin(SineTts(pieces=3, piece_s=0.2))})
+    response = await client.post("/v1/audio/speech", json={
+        "model": "sine-tts", "input": "Hello there.", "response_format": "wav", "cache": False,
+    })
+    assert response.status == 200
+    await response.read()
+    model = (await admin_metrics(client))["metrics"]["capabilities"]["tts"]["models"]["sine-tts"]
+    assert model["totals"]["by_class"] == {"2xx": 1}
+    assert model["totals"]["audio_sec"] == pytest.approx(0.6, abs=0.01)
+    assert model["window"]["rtf"]["p50"] > 0
+    assert model["totals"]["bytes_out"] > 0.6 * 16000 * 2  # the WAV went out
+
+
+async def test_prometheus_is_optional(make_client, monkeypatch):
+    client = await make_client()
+    # As if prometheus-client were not installed: importing it fails.
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    response = await client.get("/metrics")
+    assert response.status == 503
+    error = assert_envelope(await response.json(), "network")
+    assert "aistack[observe]" in error["message"]
+    assert (await admin_metrics(client))["metrics"]["capabilities"]["gateway"]
+
+
+async def test_switched_off(make_client):
+    client = await make_client(obs_metrics=False, obs_access_log=False, obs_payload=False)
+    assert observe_middleware not in client.app.middlewares  # nothing per request but the id
+    response = await client.get("/metrics")
+    assert response.status == 503
+    assert "AISTACK_OBS_METRICS" in assert_envelope(await response.json(), "network")["message"]
+    body = await admin_metrics(client)
+    assert body["metrics"] is None and body["access_log"] is None and body["slot"]["busy"] is False
+    health = await client.get("/health", headers={"X-Request-ID": "still-echoed"})
+    assert health.headers["X-Request-ID"] == "still-echoed"
+
+
+# --- access log -----------------------------------------------------------------
+
+
+async def test_access_log_lines_carry_request_fields(make_client, tmp_path):
+    client = await make_client(plugins={"asr": BackendPlugin(SlowAsr("slow-asr", steps=2, step_s=0.05))},
+                               obs_access_log=True)
+    wav = tone_wav(tmp_path / "tone.wav", seconds=1.0)
+    response = await client.post("/v1/audio/transcriptions", data=form(wav, model="slow-asr"),
+                                 headers={"X-Request-ID": "trace-asr-1", "Authorization": "Bearer not-logged"})
+    assert response.status == 200
+    assert (await client.get("/nowhere", headers={"X-Request-ID": "trace-404"})).status == 404
+    await flush(client)
+    path = tmp_path / "logs" / f"access-{utc_today()}.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    by_id = {line["request_id"]: line for line in lines}
+    asr = by_id["trace-asr-1"]
+    assert asr["method"] == "POST" and asr["path"] == "/v1/audio/transcriptions"
+    assert asr["status"] == 200 and asr["class"] == "2xx"
+    assert (asr["capability"], asr["model"], asr["provider"]) == ("asr", "slow-asr", "SlowASR")
+    assert asr["latency_ms"] > 0 and asr["slot_wait_ms"] is not None and asr["client"] == "127.0.0.1"
+    assert asr["audio_sec"] == pytest.approx(1.0, abs=0.01) and asr["rtf"] > 0
+    assert asr["stream"] is False and asr["response_format"] == "json"
+    assert asr["ts"].startswith(utc_today()) and asr["ts"].endswith("Z")
+    missing = by_id["trace-404"]
+    assert (missing["status"], missing["class"], missing["capability"]) == (404, "4xx", "gateway")
+    assert "not-logged" not in path.read_text()
+
+
+async def test_blocked_log_disk_never_stalls_requests(make_client, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fifo = logs / f"access-{utc_today()}.jsonl"
+    os.mkfifo(fifo)  # opening it for writing blocks until a reader comes: a disk that hangs
+    client = await make_client(obs_access_log=True)
+    access_log = client.app[observability_key].access_log
+    started = time.monotonic()
+    slowest = 0.0
+    for _ in range(100):
+        before = time.monotonic()
+        assert (await client.get("/health")).status == 200
+        slowest = max(slowest, time.monotonic() - before)
+    assert slowest < 0.5 and time.monotonic() - started < 5
+    assert access_log.written == 0  # the writer thread is stuck in open()
+
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()  # the disk comes back
+    await client.close()  # shutdown writes what was queued
+    await asyncio.to_thread(reader.join, 5)
+    lines = received[0].decode().splitlines()
+    assert len(lines) == 100 and all(json.loads(line)["path"] == "/health" for line in lines)
+    assert access_log.dropped == 0
+
+
+async def test_full_log_disk_loses_records_with_one_warning(make_client, tmp_path, caplog):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / f"access-{utc_today()}.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    client = await make_client(obs_access_log=True)
+    for _ in range(3):
+        for _ in range(10):
+            assert (await client.get("/health")).status == 200
+        await flush(client)
+    access_log = client.app[observability_key].access_log
+    assert access_log.failed == 30 and access_log.written == 0
+    warnings = [r for r in caplog.records if r.name == "aistack.access_log" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
+
+
+def _outcome(number: int) -> RequestOutcome:
+    return RequestOutcome(
+        started_at=time.time(), request_id=f"r{number}", method="GET", path="/health", status=200,
+        outcome_class="2xx", capability="gateway", model="", provider=None, latency_s=0.001,
+        slot_wait_s=None, client="127.0.0.1", bytes_in=0, bytes_out=10,
+    )
+
+
+def test_access_log_queue_full_drops_and_counts(tmp_path, caplog):
+    fifo = tmp_path / f"access-{utc_today()}.jsonl"
+    os.mkfifo(fifo)
+    access_log = AccessLog(tmp_path, max_pending=5, wake_every_s=0.01)
+    access_log.start()
+    access_log.submit(_outcome(0))
+    time.sleep(0.2)  # the thread took that record and now hangs opening the file
+    started = time.monotonic()
+    for number in range(1, 21):
+        access_log.submit(_outcome(number))
+    assert time.monotonic() - started < 0.1  # submitting never waits
+    assert access_log.dropped == 15 and access_log.writer.pending == 5
+    warnings = [r for r in caplog.records if r.name == "aistack.access_log" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "dropping records" in warnings[0].getMessage()
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    assert access_log.stop(5)
+    reader.join(5)
+    ids = [json.loads(line)["request_id"] for line in received[0].decode().splitlines()]
+    assert ids == ["r0", "r1", "r2", "r3", "r4", "r5"]  # kept in order; the overflow was dropped
+
+
+# --- payload capture --------------------------------------------------------------
+
+SECRETS = {
+    "Authorization": "Bearer sekrit-one",
+    "Cookie": "session=sekrit-two",
+    "X-Api-Key": "sekrit-three",
+    "Proxy-Authorization": "Basic sekrit-four",
+}
+
+
+def capture_folder(tmp_path: Path, request_id: str) -> Path:
+    return tmp_path / "payloads" / utc_today() / request_id
+
+
+async def test_capture_writes_three_files_and_redacts(make_client, tmp_path):
+    client = await make_client(plugins={"tts": TtsPlugin(SineTts())}, obs_payload=True)
+    request_body = json.dumps({"model": "sine-tts", "input": "Hello.", "response_format": "wav", "cache": False})
+    response = await client.post("/v1/audio/speech", data=request_body, headers={
+        **SECRETS, "Content-Type": "application/json", "X-Request-ID": "cap-1",
+    })
+    assert response.status == 200
+    response_body = await response.read()
+    await flush(client)
+    folder = capture_folder(tmp_path, "cap-1")
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "req.bin", "resp.bin"]
+    assert (folder / "req.bin").read_bytes() == request_body.encode()
+    assert (folder / "resp.bin").read_bytes() == response_body
+    meta = json.loads((folder / "meta.json").read_text())
+    assert (meta["method"], meta["path"], meta["route"], meta["status"]) == (
+        "POST", "/v1/audio/speech", "/v1/audio/{tail}", 200)
+    assert (meta["capability"], meta["model"], meta["provider"]) == ("tts", "sine-tts", "SineTTS")
+    for name in SECRETS:
+        assert meta["request"]["headers"][name] == "[redacted]"
+    assert meta["request"]["content_type"] == "application/json"
+    assert meta["response"]["content_type"] == "audio/wav"
+    assert meta["response"]["headers"]["X-Request-ID"] == "cap-1"
+    assert meta["request"]["truncated"] is False and meta["response"]["truncated"] is False
+    assert meta["response"]["bytes"] == len(response_body) and meta["incomplete"] is False
+    assert meta["timing"]["latency_ms"] > 0 and meta["timing"]["slot_wait_ms"] is not None
+    for path in folder.iterdir():
+        assert b"sekrit" not in path.read_bytes()
+
+
+async def test_capture_respects_the_per_request_cap(make_client, tmp_path):
+    client = await make_client(plugins={"tts": TtsPlugin(SineTts())}, obs_payload=True,
+                               obs_payload_request_cap_kb=1)
+    request_body = json.dumps({"model": "sine-tts", "input": "word " * 400, "response_format": "wav",
+                               "cache": False}).encode()
+    response = await client.post("/v1/audio/speech", data=request_body,
+                                 headers={"Content-Type": "application/json", "X-Request-ID": "cap-2"})
+    response_body = await response.read()
+    await flush(client)
+    folder = capture_folder(tmp_path, "cap-2")
+    assert (folder / "req.bin").read_bytes() == request_body[:1024]
+    assert (folder / "resp.bin").read_bytes() == response_body[:1024]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["request"] | {"headers": None} == {
+        "headers": None, "content_type": "application/json", "bytes": len(request_body),
+        "captured_bytes": 1024, "truncated": True, "body_captured": True,
+    }
+    assert meta["response"]["bytes"] == len(response_body) and meta["response"]["truncated"] is True
+
+
+async def test_capture_tees_a_streamed_response(make_client, tmp_path):
+    client = await make_client(plugins={"tts": TtsPlugin(SineTts(pieces=4))}, obs_payload=True)
+    response = await client.post("/v1/audio/speech", headers={"X-Request-ID": "cap-stream"}, json={
+        "model": "sine-tts", "input": "One. Two.", "response_format": "pcm", "stream": True, "cache": False,
+    })
+    assert response.status == 200
+    chunks = [chunk async for chunk in response.content.iter_any()]
+    await flush(client)
+    folder = capture_folder(tmp_path, "cap-stream")
+    streamed = b"".join(chunks)
+    assert len(streamed) == 4 * 0.2 * 16000 * 2
+    assert (folder / "resp.bin").read_bytes() == streamed
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["response"]["bytes"] == len(streamed) and meta["response"]["note"] is None
+    assert meta["extras"]["stream"] is True
+
+
+async def test_capture_sweeps_old_folders_at_startup(make_client, tmp_path):
+    old = tmp_path / "payloads" / "2000-01-01" / "ancient"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text("{}")
+    past = time.time() - 100 * 3600
+    for path in (old / "meta.json", old):
+        os.utime(path, (past, past))
+    client = await make_client(obs_payload=True, obs_payload_max_age_h=72)
+    await flush(client)
+    assert not old.exists() and not old.parent.exists()
+    assert client.app[observability_key].payloads.swept_folders == 1
+
+
+def test_capture_size_limit_removes_oldest_first(tmp_path):
+    store = PayloadStore(tmp_path, max_bytes=3000, max_age_s=3600, request_cap_bytes=1024)
+    now = time.time()
+    for number in range(5):
+        folder = tmp_path / utc_today() / f"req-{number}"
+        folder.mkdir(parents=True)
+        (folder / "resp.bin").write_bytes(b"x" * 1000)
+        stamp = now - 100 + number  # req-0 is the oldest
+        os.utime(folder / "resp.bin", (stamp, stamp))
+        os.utime(folder, (stamp, stamp))
+    assert store.sweep(now=now) == 2
+    assert sorted(p.name for p in (tmp_path / utc_today()).iterdir()) == ["req-2", "req-3", "req-4"]
+    assert store.sweep(now=now + 7200) == 3  # all past the age limit now
+    assert not (tmp_path / utc_today()).exists()
+
+
+# --- logging --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def root_logging_restored():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+async def test_json_log_lines_carry_the_request_id(make_client, tmp_path, capsys):
+    client = await make_client(plugins={"asr": BackendPlugin(SlowAsr("bad-asr", fail_with=RuntimeError("boom")))})
+    wav = tone_wav(tmp_path / "tone.wav")
+    with root_logging_restored():
+        configure_logging("json")
+        response = await client.post("/v1/audio/transcriptions", data=form(wav, model="bad-asr"),
+                                     headers={"X-Request-ID": "log-me-1"})
+        assert response.status == 500
+        token = current_request_id.set("outside")
+        logging.getLogger("aistack.test").warning("plain line")
+        current_request_id.reset(token)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    failure = next(line for line in lines if line["logger"] == "aistack.errors")
+    assert failure["request_id"] == "log-me-1" and failure["level"] == "ERROR" and "boom" in failure["exc"]
+    plain = next(line for line in lines if line["logger"] == "aistack.test")
+    assert plain == {"ts": plain["ts"], "level": "WARNING", "logger": "aistack.test", "request_id": "outside",
+                     "message": "plain line"}
+    with pytest.raises(ValueError):
+        configure_logging("xml")
