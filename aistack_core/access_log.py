@@ -13,7 +13,6 @@ capture use.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 from pathlib import Path
@@ -35,10 +34,13 @@ DEFAULT_WAKE_EVERY_S = 0.25
 class OffLoopWriter(Generic[Item]):
     """A daemon thread that handles queued items in order, in batches.
 
-    The event-loop side calls :meth:`offer`, which never blocks: it returns
-    False when the items pending already weigh ``max_pending``.  Items that
-    ``handle_batch`` raises on are lost (the handler is expected to count and
-    report its own failures; anything it lets escape is logged here).
+    The event-loop side calls :meth:`offer`, which never blocks and takes no
+    lock: it returns False when ``max_pending`` items are already waiting.
+    Only the loop thread offers and only the writer thread takes, and
+    ``deque.append``/``popleft`` are atomic, so the count can be off by the
+    batch being taken at that instant, never more.  ``handle_batch`` is
+    expected to count and report its own failures; anything it lets escape
+    is logged here and the batch is lost.
     """
 
     def __init__(
@@ -55,9 +57,7 @@ class OffLoopWriter(Generic[Item]):
         self._handle_batch = handle_batch
         self._wake_every_s = wake_every_s
         self._on_idle = on_idle
-        self._pending: collections.deque[tuple[Item, int]] = collections.deque()
-        self._pending_weight = 0
-        self._lock = threading.Lock()
+        self._pending: collections.deque[Item] = collections.deque()
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._offered = 0
@@ -69,15 +69,13 @@ class OffLoopWriter(Generic[Item]):
     def pending(self) -> int:
         return len(self._pending)
 
-    def offer(self, item: Item, weight: int = 1) -> bool:
-        with self._lock:
-            if self._pending_weight + weight > self.max_pending:
-                return False
-            self._pending_weight += weight
-            self._pending.append((item, weight))
-            self._offered += 1
-            filling = self._pending_weight * 2 > self.max_pending
-        if filling:
+    def offer(self, item: Item) -> bool:
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            return False
+        pending.append(item)
+        self._offered += 1
+        if len(pending) * 2 > self.max_pending:  # filling up: do not wait for the next tick
             self._wake.set()
         return True
 
@@ -94,7 +92,7 @@ class OffLoopWriter(Generic[Item]):
             return self._progress.wait_for(lambda: self._handled >= target, timeout=timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> bool:
-        """Write what is queued and end the thread; False if it is stuck (e.g. a blocked disk)."""
+        """Handle what is queued and end the thread; False if it is stuck (e.g. a blocked disk)."""
         self._stopping = True
         self._wake.set()
         thread = self._thread
@@ -110,15 +108,8 @@ class OffLoopWriter(Generic[Item]):
         return True
 
     def _take_batch(self) -> list[Item]:
-        batch: list[Item] = []
-        released = 0
-        with self._lock:
-            while self._pending:
-                item, weight = self._pending.popleft()
-                batch.append(item)
-                released += weight
-            self._pending_weight -= released
-        return batch
+        pending = self._pending
+        return [pending.popleft() for _ in range(len(pending))]
 
     def _run(self) -> None:
         while True:
@@ -210,9 +201,8 @@ class AccessLog:
     def _write_batch(self, outcomes: list[RequestOutcome]) -> None:
         lines_by_date: dict[str, list[str]] = {}
         for outcome in outcomes:
-            record = outcome.to_record()
-            line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
-            lines_by_date.setdefault(record["ts"][:10], []).append(line)
+            line = outcome.to_json_line()
+            lines_by_date.setdefault(line[7:17], []).append(line)  # {"ts":"YYYY-MM-DD...
         for date, lines in lines_by_date.items():
             try:
                 stream = self._open(date)

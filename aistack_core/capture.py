@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -48,6 +49,7 @@ REDACTED_HEADERS = frozenset({"authorization", "cookie", "x-api-key", "proxy-aut
 REDACTED = "[redacted]"
 
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+MAX_PENDING_OPERATIONS = 100_000
 DEFAULT_SWEEP_EVERY_S = 300.0
 # A request body the handler left unread is read after it, briefly; a client
 # waiting for "100 Continue" would otherwise hold the request open.
@@ -109,7 +111,7 @@ class RequestCapture:
         if room > 0 and size and not self.abandoned and not self.finished:
             # Copy: the caller may reuse its buffer once the write returns.
             piece = bytes(chunk[:room]) if size > room else bytes(chunk)
-            if self.store.writer.offer(("append", self, (file_name, piece)), len(piece)):
+            if self.store.queue_bytes(self, file_name, piece):
                 kept += len(piece)
             else:
                 self.lost_bytes += len(piece)
@@ -167,9 +169,8 @@ class RequestCapture:
             "lost_bytes": self.lost_bytes,
             "extras": dict(outcome.extras),
         }
-        # Weight 0: the small closing record is always accepted, so every
-        # folder that was opened gets its meta.json.
-        self.store.writer.offer(("meta", self, meta), 0)
+        if not self.store.writer.offer(("meta", self, meta)):
+            self.store.dropped_captures += 1
 
 
 class PayloadStore:
@@ -201,21 +202,39 @@ class PayloadStore:
         self._last_sweep = 0.0
         self._warned_full = False
         self._warned_failed = False
+        # Body bytes are bounded by size (the loop side reserves, the thread
+        # releases); the small open/meta records only by count.
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
+        self._budget_lock = threading.Lock()
         self.writer: OffLoopWriter[tuple[str, Any, Any]] = OffLoopWriter(
-            "aistack-payload-capture", self._run_ops, max_pending=max_pending_bytes, wake_every_s=wake_every_s,
-            on_idle=self._sweep_if_due,
+            "aistack-payload-capture", self._run_ops, max_pending=MAX_PENDING_OPERATIONS,
+            wake_every_s=wake_every_s, on_idle=self._sweep_if_due,
         )
 
     # --- event loop side ----------------------------------------------------------
 
     def begin(self, request_id: str, started_at: float) -> RequestCapture:
         capture = RequestCapture(self, request_id, started_at)
-        if self.writer.offer(("open", capture, None), 0):
+        if self.writer.offer(("open", capture, None)):
             self.captures += 1
-        else:  # pragma: no cover - weight 0 is always accepted
+        else:
             capture.abandoned = True
             self.dropped_captures += 1
         return capture
+
+    def queue_bytes(self, capture: RequestCapture, file_name: str, data: bytes) -> bool:
+        """Queue a body chunk for writing unless the bytes in flight would pass the budget."""
+        size = len(data)
+        with self._budget_lock:
+            if self._pending_bytes + size > self.max_pending_bytes:
+                return False
+            self._pending_bytes += size
+        if self.writer.offer(("append", capture, (file_name, data))):
+            return True
+        with self._budget_lock:
+            self._pending_bytes -= size
+        return False
 
     def note_dropped_chunk(self) -> None:
         self.dropped_chunks += 1
@@ -224,7 +243,7 @@ class PayloadStore:
             log.warning("payload capture is behind the disk; dropping body chunks (captures are flagged incomplete)")
 
     def start(self) -> None:
-        self.writer.offer(("sweep", None, None), 0)
+        self.writer.offer(("sweep", None, None))
         self.writer.start()
 
     def stop(self, timeout_s: float = 5.0) -> bool:
@@ -245,6 +264,7 @@ class PayloadStore:
             "directory": str(self.root),
             "captures": self.captures,
             "dropped_chunks": self.dropped_chunks,
+            "dropped_captures": self.dropped_captures,
             "failed_writes": self.failed_writes,
             "swept_folders": self.swept_folders,
             "max_mb": self.max_bytes / (1024 * 1024),
@@ -255,6 +275,9 @@ class PayloadStore:
     # --- writer thread ------------------------------------------------------------
 
     def _run_ops(self, ops: list[tuple[str, Any, Any]]) -> None:
+        released = sum(len(payload[1]) for kind, _, payload in ops if kind == "append")
+        with self._budget_lock:
+            self._pending_bytes -= released
         for kind, capture, payload in ops:
             try:
                 if kind == "open":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -42,8 +43,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _plugins(args: argparse.Namespace) -> int:
     config = Config.from_env()
     logging.basicConfig(level=logging.ERROR)
-    plugins = load_plugins(load_entrypoints=True, allow=config.load_plugins)
-    Registry.from_plugins(plugins, config)  # fills in what each plugin registers
+    # Some backend libraries print notices on import; keep stdout for our own output.
+    with contextlib.redirect_stdout(sys.stderr):
+        plugins = load_plugins(load_entrypoints=True, allow=config.load_plugins)
+        Registry.from_plugins(plugins, config)  # fills in what each plugin registers
     listing = plugins.listing()
     if args.json:
         json.dump(listing, sys.stdout, indent=2)

@@ -14,11 +14,13 @@ Prometheus text is unavailable.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from bisect import bisect_left
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import attrs
 
@@ -98,36 +100,86 @@ class RequestOutcome:
         return None
 
     def to_record(self) -> dict[str, Any]:
-        """The access-log / JSON form (one flat object)."""
-        record: dict[str, Any] = {
-            "ts": iso_utc(self.started_at),
-            "request_id": self.request_id,
-            "method": self.method,
-            "path": self.path,
-            "status": self.status,
-            "class": self.outcome_class,
-            "capability": self.capability,
-            "model": self.model or None,
-            "provider": self.provider,
-            "latency_ms": round(self.latency_s * 1000, 3),
-            "slot_wait_ms": None if self.slot_wait_s is None else round(self.slot_wait_s * 1000, 3),
-            "client": self.client,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-        }
-        if self.headers_s is not None:
-            record["headers_ms"] = round(self.headers_s * 1000, 3)
-        for key, value in self.extras.items():
-            record.setdefault(key, value)  # extras never overwrite the core fields
-        if "audio_sec" in record and "rtf" not in record and self.rtf is not None:
-            record["rtf"] = round(self.rtf, 4)
-        return record
+        """The JSON view (``/admin/api/metrics``): one flat object."""
+        return json.loads(self.to_json_line())
+
+    def to_json_line(self) -> str:
+        """The access-log line: the same object as :meth:`to_record`, serialized.
+
+        Written by a template rather than ``json.dumps`` of a dict, because
+        this runs once per request: only values a client controls (path,
+        model, provider, extras) go through the JSON escaper; the rest are
+        numbers and names from fixed alphabets (the request id is checked
+        against ``[A-Za-z0-9-_:.]``).
+        """
+        line = _LINE_TEMPLATE % (
+            iso_utc(self.started_at), self.request_id, self.method, _json_string(self.path), self.status,
+            self.outcome_class, _json_string(self.capability), _json_string(self.model or None),
+            _json_string(self.provider), self.latency_s * 1000, _json_ms(self.slot_wait_s),
+            _json_string(self.client), self.bytes_in, self.bytes_out, _json_ms(self.headers_s),
+        )
+        extras = self.extras
+        if not extras:
+            return line + "}"
+        if "audio_sec" in extras and "rtf" not in extras and self.rtf is not None:
+            extras = {**extras, "rtf": round(self.rtf, 4)}
+        if not _CORE_FIELDS.isdisjoint(extras):  # extras never overwrite the core fields
+            extras = {key: value for key, value in extras.items() if key not in _CORE_FIELDS}
+            if not extras:
+                return line + "}"
+        return line + "," + _encode_members(extras) + "}"
+
+
+_LINE_TEMPLATE = (
+    '{"ts":"%s","request_id":"%s","method":"%s","path":%s,"status":%d,"class":"%s","capability":%s,'
+    '"model":%s,"provider":%s,"latency_ms":%.3f,"slot_wait_ms":%s,"client":%s,"bytes_in":%d,"bytes_out":%d,'
+    '"headers_ms":%s'
+)
+_CORE_FIELDS = frozenset({
+    "ts", "request_id", "method", "path", "status", "class", "capability", "model", "provider", "latency_ms",
+    "slot_wait_ms", "client", "bytes_in", "bytes_out", "headers_ms",
+})
+_escape_json_string = json.encoder.encode_basestring  # C; keeps non-ASCII as is
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
+def _encode_members(values: Mapping[str, Any]) -> str:
+    """``"k":v,...`` for a small dict of scalars, faster than the json module for a handful of keys."""
+    parts = []
+    for key, value in values.items():
+        if value is None:
+            text = "null"
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        elif isinstance(value, str):
+            text = _escape_json_string(value)
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            text = repr(value)
+        else:
+            text = _encode_json(value)
+        parts.append(_escape_json_string(str(key)) + ":" + text)
+    return ",".join(parts)
+
+
+def _json_string(value: str | None) -> str:
+    return "null" if value is None else _escape_json_string(value)
+
+
+def _json_ms(seconds: float | None) -> str:
+    return "null" if seconds is None else "%.3f" % (seconds * 1000)
+
+
+@functools.lru_cache(maxsize=8)
+def _utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def iso_utc(epoch: float) -> str:
-    seconds = time.gmtime(epoch)
-    millis = int((epoch - math.floor(epoch)) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{millis:03d}Z"
+    """``2025-01-02T03:04:05.678Z``; the formatted second is cached (once per request adds up)."""
+    second = math.floor(epoch)
+    return f"{_utc_second(second)}.{int((epoch - second) * 1000):03d}Z"
 
 
 class Histogram:
@@ -170,8 +222,7 @@ class SeriesTotals:
         self.bytes_out = 0
 
 
-@attrs.define(slots=True)
-class _Sample:
+class _Sample(NamedTuple):
     at: float  # time.monotonic()
     capability: str
     model: str

@@ -94,8 +94,16 @@ async def eventually(predicate, timeout_s: float = 5.0):
         await asyncio.sleep(0.05)
 
 
-async def flush(client) -> None:
+async def flush(client, *request_ids: str) -> None:
+    """Wait until these requests were recorded (the server finishes a moment after the
+    client has the last byte), then until the writer threads wrote everything queued."""
     observability = client.app[observability_key]
+
+    async def recorded():
+        seen = {outcome.request_id for outcome in observability.metrics.recent}
+        return seen.issuperset(request_ids)
+
+    assert await eventually(recorded)
     for sink in (observability.access_log, observability.payloads):
         if sink is not None:
             assert await asyncio.to_thread(sink.writer.wait_until_handled, 5.0)
@@ -223,7 +231,7 @@ async def test_access_log_lines_carry_request_fields(make_client, tmp_path):
                                  headers={"X-Request-ID": "trace-asr-1", "Authorization": "Bearer not-logged"})
     assert response.status == 200
     assert (await client.get("/nowhere", headers={"X-Request-ID": "trace-404"})).status == 404
-    await flush(client)
+    await flush(client, "trace-asr-1", "trace-404")
     path = tmp_path / "logs" / f"access-{utc_today()}.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     by_id = {line["request_id"]: line for line in lines}
@@ -271,10 +279,11 @@ async def test_full_log_disk_loses_records_with_one_warning(make_client, tmp_pat
     logs.mkdir()
     (logs / f"access-{utc_today()}.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
     client = await make_client(obs_access_log=True)
-    for _ in range(3):
-        for _ in range(10):
-            assert (await client.get("/health")).status == 200
-        await flush(client)
+    for batch in range(3):
+        ids = [f"full-{batch}-{number}" for number in range(10)]
+        for request_id in ids:
+            assert (await client.get("/health", headers={"X-Request-ID": request_id})).status == 200
+        await flush(client, *ids)
     access_log = client.app[observability_key].access_log
     assert access_log.failed == 30 and access_log.written == 0
     warnings = [r for r in caplog.records if r.name == "aistack.access_log" and r.levelno == logging.WARNING]
@@ -334,7 +343,7 @@ async def test_capture_writes_three_files_and_redacts(make_client, tmp_path):
     })
     assert response.status == 200
     response_body = await response.read()
-    await flush(client)
+    await flush(client, "cap-1")
     folder = capture_folder(tmp_path, "cap-1")
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "req.bin", "resp.bin"]
     assert (folder / "req.bin").read_bytes() == request_body.encode()
@@ -363,7 +372,7 @@ async def test_capture_respects_the_per_request_cap(make_client, tmp_path):
     response = await client.post("/v1/audio/speech", data=request_body,
                                  headers={"Content-Type": "application/json", "X-Request-ID": "cap-2"})
     response_body = await response.read()
-    await flush(client)
+    await flush(client, "cap-2")
     folder = capture_folder(tmp_path, "cap-2")
     assert (folder / "req.bin").read_bytes() == request_body[:1024]
     assert (folder / "resp.bin").read_bytes() == response_body[:1024]
@@ -382,7 +391,7 @@ async def test_capture_tees_a_streamed_response(make_client, tmp_path):
     })
     assert response.status == 200
     chunks = [chunk async for chunk in response.content.iter_any()]
-    await flush(client)
+    await flush(client, "cap-stream")
     folder = capture_folder(tmp_path, "cap-stream")
     streamed = b"".join(chunks)
     assert len(streamed) == 4 * 0.2 * 16000 * 2

@@ -116,9 +116,12 @@ async def test_api_key_required_everywhere_but_health(make_client):
 
 async def test_api_key_never_logged_or_captured(make_client, tmp_path):
     client = await make_client(api_key=KEY, obs_access_log=True, obs_payload=True)
-    assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).status == 200
-    assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}-wrong"})).status == 401
+    for request_id, key in (("right-key", KEY), ("wrong-key", f"{KEY}-wrong")):
+        response = await client.get("/v1/models", headers={"Authorization": f"Bearer {key}", "X-Request-ID": request_id})
+        assert response.status == (200 if key == KEY else 401)
     observability = client.app[observability_key]
+    while {"right-key", "wrong-key"} - {outcome.request_id for outcome in observability.metrics.recent}:
+        await asyncio.sleep(0.01)  # the server records a request a moment after the client has it
     for sink in (observability.access_log, observability.payloads):
         assert await asyncio.to_thread(sink.writer.wait_until_handled, 5.0)
     written = [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]

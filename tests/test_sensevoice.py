@@ -159,7 +159,7 @@ def test_one_segment_per_speech_stretch(backend, loaded, two_stretches):
 
 
 def test_language_hint_steers_the_model(backend, loaded, two_stretches):
-    for hint, expected in (("zh", "zh"), ("zh-CN", "zh"), ("yue", "yue"), ("ja", "ja"), ("KO", "ko"), ("auto", "en")):
+    for hint, expected in (("zh-CN", "zh"), ("yue", "yue"), ("KO", "ko"), ("auto", "en")):
         result, segments = run(backend, loaded, two_stretches, language=hint)
         assert result.language == expected and {s.extra["language"] for s in segments} == {expected}
 
