@@ -29,7 +29,7 @@ from .errors import AistackError, Cancelled, Malformed, Overflow, Unknown
 from .observe import request_info
 from .registry import AUTO_ALIAS, Registered, normalize_language
 from .segments import subtitle_cues
-from .streaming import cancel_on_disconnect, iterate_in_thread
+from .streaming import cancel_on_disconnect, finish_in_thread, iterate_in_thread
 
 log = logging.getLogger("aistack.asr")
 
@@ -174,15 +174,28 @@ def validate(parsed: TranscriptionRequest) -> None:
 
 
 def regroup(segments: list[Segment], granularity: str, first_id: int) -> list[Segment]:
-    """Apply ``segment_granularity``; backends deliver sentence-like segments."""
+    """Apply ``segment_granularity``; backends deliver sentence-like segments.
+
+    Subtitle cues are cut from the words of consecutive segments together,
+    so short sentences can share a cue; segments without words stay whole.
+    """
     if granularity != "subtitle":
         return [attrs.evolve(segment, id=first_id + i) for i, segment in enumerate(segments)]
     cues: list[Segment] = []
+    pending_words: list = []
+
+    def flush() -> None:
+        if pending_words:
+            cues.extend(subtitle_cues(pending_words, start_id=first_id + len(cues)))
+            pending_words.clear()
+
     for segment in segments:
         if segment.words:
-            cues.extend(subtitle_cues(segment.words, start_id=first_id + len(cues)))
+            pending_words.extend(segment.words)
         else:
+            flush()
             cues.append(attrs.evolve(segment, id=first_id + len(cues)))
+    flush()
     return cues
 
 
@@ -285,22 +298,24 @@ def _transcribe_all(entry: Registered, model: Any, audio: DecodedAudio, options,
 
 
 async def _respond_whole(request, entry, model, audio, parsed, cancel) -> web.Response:
-    result, segments = await asyncio.to_thread(_transcribe_all, entry, model, audio, _options(parsed), cancel)
+    result, segments = await finish_in_thread(
+        _transcribe_all, entry, model, audio, _options(parsed), cancel, cancel=cancel
+    )
     segments = regroup(segments, parsed.segment_granularity, 0)
     return render(result, segments, parsed.response_format, parsed.translate)
 
 
 async def _respond_stream(request, entry, model, audio, parsed, cancel) -> web.StreamResponse:
     card = entry.card
-    result: Transcription = await asyncio.to_thread(
-        entry.backend.transcribe, model, audio, _options(parsed), cancel
+    result: Transcription = await finish_in_thread(
+        entry.backend.transcribe, model, audio, _options(parsed), cancel, cancel=cancel
     )
     texts: list[str] = []
     async with sse_response(request, sep="\n", allow_all_methods=True) as stream:
         try:
             if card.supports_streaming:
                 next_id = 0
-                async for segment in iterate_in_thread(lambda: _checked(result.segments, cancel)):
+                async for segment in iterate_in_thread(lambda: _checked(result.segments, cancel), cancel):
                     for cue in regroup([segment], parsed.segment_granularity, next_id):
                         next_id += 1
                         texts.append(cue.text.strip())
@@ -312,7 +327,7 @@ async def _respond_stream(request, entry, model, audio, parsed, cancel) -> web.S
                     "model": card.id,
                     "message": f"{card.id} does not stream; the whole transcription follows as one delta.",
                 }))
-                segments = await asyncio.to_thread(lambda: list(_checked(result.segments, cancel)))
+                segments = await finish_in_thread(lambda: list(_checked(result.segments, cancel)), cancel=cancel)
                 cues = regroup(segments, parsed.segment_granularity, 0)
                 if cues:
                     texts.append(join_text(cues))

@@ -20,7 +20,7 @@ import math
 import time
 from bisect import bisect_left
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import attrs
 
@@ -42,9 +42,6 @@ RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 # grow the label set without end; past this many per capability they share one.
 MAX_MODELS_PER_CAPABILITY = 64
 OVERFLOW_MODEL_LABEL = "other"
-# The window keeps at most this many samples; at higher rates its
-# percentiles describe the most recent ones.
-MAX_WINDOW_SAMPLES = 100_000
 RECENT_REQUESTS = 100
 
 
@@ -207,12 +204,78 @@ class Histogram:
         return buckets
 
 
+# --- the rolling window -----------------------------------------------------------
+#
+# Per series, one slot per minute, each holding sparse log-scale histograms.
+# Recording is a dict increment whatever the request rate, memory does not
+# grow with traffic, and nothing per request lingers for the garbage
+# collector to walk.  Percentiles read from these buckets are within about
+# 2 % of the exact value (each bucket spans a factor of 1.04).
+
+WINDOW_BUCKET_RATIO = 1.04
+_LOG_RATIO = math.log(WINDOW_BUCKET_RATIO)
+_SMALLEST_VALUE = 1e-6
+
+
+def log_bucket(value: float) -> int:
+    if value <= _SMALLEST_VALUE:
+        return 0
+    return int(math.log(value / _SMALLEST_VALUE) / _LOG_RATIO) + 1
+
+
+def log_bucket_value(index: int) -> float:
+    """The geometric middle of a bucket: what a percentile falling in it reports."""
+    if index <= 0:
+        return 0.0
+    return _SMALLEST_VALUE * WINDOW_BUCKET_RATIO ** (index - 0.5)
+
+
+def percentiles(counts: Mapping[int, int], wanted: Iterable[int] = (50, 95, 99)) -> dict[str, float | None]:
+    """Nearest-rank percentiles from log-bucket counts; ``None`` when empty."""
+    total = sum(counts.values())
+    if not total:
+        return {f"p{p}": None for p in wanted}
+    ordered = sorted(counts.items())
+    result: dict[str, float | None] = {}
+    for p in wanted:
+        rank = max(1, math.ceil(p / 100 * total))
+        running = 0
+        for index, count in ordered:
+            running += count
+            if running >= rank:
+                result[f"p{p}"] = log_bucket_value(index)
+                break
+    return result
+
+
+class _MinuteSlot:
+    __slots__ = ("minute", "by_class", "latency", "slot_wait", "rtf", "audio_sec")
+
+    def __init__(self, minute: int) -> None:
+        self.minute = minute
+        self.by_class: dict[str, int] = {}
+        self.latency: dict[int, int] = {}
+        self.slot_wait: dict[int, int] = {}
+        self.rtf: dict[int, int] = {}
+        self.audio_sec = 0.0
+
+
+def _add(counts: dict[int, int], value: float) -> None:
+    index = log_bucket(value)
+    counts[index] = counts.get(index, 0) + 1
+
+
+def _merge(into: dict, counts: Mapping) -> None:
+    for key, count in counts.items():
+        into[key] = into.get(key, 0) + count
+
+
 class SeriesTotals:
-    """Running totals for one (capability, model) since the app started."""
+    """One (capability, model): totals since the app started, and its minute slots."""
 
-    __slots__ = ("by_class", "latency", "slot_wait", "rtf", "audio_sec", "bytes_in", "bytes_out")
+    __slots__ = ("by_class", "latency", "slot_wait", "rtf", "audio_sec", "bytes_in", "bytes_out", "minutes")
 
-    def __init__(self) -> None:
+    def __init__(self, window_minutes: int) -> None:
         self.by_class: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.slot_wait = Histogram(SLOT_WAIT_BUCKETS_S)
@@ -220,26 +283,15 @@ class SeriesTotals:
         self.audio_sec = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.minutes: deque[_MinuteSlot] = deque(maxlen=window_minutes + 1)
 
-
-class _Sample(NamedTuple):
-    at: float  # time.monotonic()
-    capability: str
-    model: str
-    outcome_class: str
-    latency_s: float
-    slot_wait_s: float | None
-    rtf: float | None
-    audio_sec: float | None
-
-
-def percentiles(values: list[float], wanted: Iterable[int] = (50, 95, 99)) -> dict[str, float | None]:
-    """Nearest-rank percentiles; ``None`` for an empty list."""
-    if not values:
-        return {f"p{p}": None for p in wanted}
-    ordered = sorted(values)
-    n = len(ordered)
-    return {f"p{p}": ordered[max(0, math.ceil(p / 100 * n) - 1)] for p in wanted}
+    def slot(self, minute: int) -> _MinuteSlot:
+        minutes = self.minutes
+        if minutes and minutes[-1].minute == minute:
+            return minutes[-1]
+        slot = _MinuteSlot(minute)
+        minutes.append(slot)
+        return slot
 
 
 class Metrics:
@@ -247,11 +299,11 @@ class Metrics:
 
     def __init__(self, window_s: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
+        self._window_minutes = max(1, math.ceil(window_s / 60))
         self._clock = clock
         self.started = clock()
         self.series: dict[tuple[str, str], SeriesTotals] = {}
         self._models_seen: dict[str, set[str]] = {}
-        self._window: deque[_Sample] = deque(maxlen=MAX_WINDOW_SAMPLES)
         self.recent: deque[RequestOutcome] = deque(maxlen=RECENT_REQUESTS)
 
     def _model_label(self, capability: str, model: str) -> str:
@@ -265,86 +317,91 @@ class Metrics:
 
     def record(self, outcome: RequestOutcome) -> None:
         capability = outcome.capability
-        model = self._model_label(capability, outcome.model)
-        key = (capability, model)
+        key = (capability, outcome.model)
         totals = self.series.get(key)
         if totals is None:
-            totals = self.series[key] = SeriesTotals()
-        by_class = totals.by_class
-        by_class[outcome.outcome_class] = by_class.get(outcome.outcome_class, 0) + 1
-        totals.latency.observe(outcome.latency_s)
-        if outcome.slot_wait_s is not None:
-            totals.slot_wait.observe(outcome.slot_wait_s)
-        audio_sec = rtf = None
+            key = (capability, self._model_label(capability, outcome.model))
+            totals = self.series.get(key)
+            if totals is None:
+                totals = self.series[key] = SeriesTotals(self._window_minutes)
+        slot = totals.slot(int(self._clock() // 60))
+        outcome_class = outcome.outcome_class
+        totals.by_class[outcome_class] = totals.by_class.get(outcome_class, 0) + 1
+        slot.by_class[outcome_class] = slot.by_class.get(outcome_class, 0) + 1
+        latency = outcome.latency_s
+        totals.latency.observe(latency)
+        _add(slot.latency, latency)
+        slot_wait = outcome.slot_wait_s
+        if slot_wait is not None:
+            totals.slot_wait.observe(slot_wait)
+            _add(slot.slot_wait, slot_wait)
         # Audio counts only when it was served: a busy or failed request may
         # know its upload's length but processed none of it.
-        if outcome.extras and outcome.outcome_class == "2xx":
+        if outcome.extras and outcome_class == "2xx":
             audio_sec = outcome.audio_sec
-            rtf = outcome.rtf
             if audio_sec is not None:
                 totals.audio_sec += audio_sec
+                slot.audio_sec += audio_sec
+            rtf = outcome.rtf
             if rtf is not None:
                 totals.rtf.observe(rtf)
+                _add(slot.rtf, rtf)
         totals.bytes_in += outcome.bytes_in
         totals.bytes_out += outcome.bytes_out
-        now = self._clock()
-        self._window.append(
-            _Sample(now, capability, model, outcome.outcome_class, outcome.latency_s, outcome.slot_wait_s, rtf, audio_sec)
-        )
         self.recent.append(outcome)
 
     # --- reading ----------------------------------------------------------------
 
-    def _window_samples(self) -> list[_Sample]:
-        cutoff = self._clock() - self.window_s
-        window = self._window
-        while window and window[0].at < cutoff:
-            window.popleft()
-        return list(window)
+    def _window_slots(self, totals: SeriesTotals) -> list[_MinuteSlot]:
+        # A slot counts while any part of its minute lies inside the window.
+        first_minute = (self._clock() - self.window_s) // 60
+        return [slot for slot in totals.minutes if slot.minute >= first_minute]
 
     @staticmethod
-    def _summarize(samples: list[_Sample]) -> dict[str, Any]:
+    def _summarize(slots: list[_MinuteSlot]) -> dict[str, Any]:
         by_class: dict[str, int] = {}
-        for sample in samples:
-            by_class[sample.outcome_class] = by_class.get(sample.outcome_class, 0) + 1
+        latency: dict[int, int] = {}
+        slot_wait: dict[int, int] = {}
+        rtf: dict[int, int] = {}
+        audio_sec = 0.0
+        for slot in slots:
+            _merge(by_class, slot.by_class)
+            _merge(latency, slot.latency)
+            _merge(slot_wait, slot.slot_wait)
+            _merge(rtf, slot.rtf)
+            audio_sec += slot.audio_sec
         summary: dict[str, Any] = {
-            "requests": len(samples),
+            "requests": sum(by_class.values()),
             "by_class": by_class,
-            "latency_ms": _scaled(percentiles([s.latency_s for s in samples]), 1000),
-            "slot_wait_ms": _scaled(percentiles([s.slot_wait_s for s in samples if s.slot_wait_s is not None]), 1000),
+            "latency_ms": _scaled(percentiles(latency), 1000),
+            "slot_wait_ms": _scaled(percentiles(slot_wait), 1000),
         }
-        rtfs = [s.rtf for s in samples if s.rtf is not None]
-        audio = [s.audio_sec for s in samples if s.audio_sec is not None]
-        if rtfs:
-            summary["rtf"] = _scaled(percentiles(rtfs), 1)
-        if audio:
-            summary["audio_sec"] = round(sum(audio), 3)
+        if rtf:
+            summary["rtf"] = _scaled(percentiles(rtf), 1)
+        if audio_sec:
+            summary["audio_sec"] = round(audio_sec, 3)
         return summary
 
     def snapshot(self, recent: int = 20) -> dict[str, Any]:
         """The JSON view: totals since start, the rolling window, the last requests."""
-        samples = self._window_samples()
-        grouped: dict[str, dict[str, list[_Sample]]] = {}
-        for sample in samples:
-            grouped.setdefault(sample.capability, {}).setdefault(sample.model, []).append(sample)
         capabilities: dict[str, Any] = {}
+        capability_slots: dict[str, list[_MinuteSlot]] = {}
         for (capability, model), totals in sorted(self.series.items()):
-            entry = capabilities.setdefault(capability, {"totals": {}, "window": None, "models": {}})
-            model_entry = {
+            entry = capabilities.setdefault(capability, {"totals": {"by_class": {}}, "window": None, "models": {}})
+            slots = self._window_slots(totals)
+            capability_slots.setdefault(capability, []).extend(slots)
+            entry["models"][model] = {
                 "totals": {
                     "by_class": dict(totals.by_class),
                     "audio_sec": round(totals.audio_sec, 3),
                     "bytes_in": totals.bytes_in,
                     "bytes_out": totals.bytes_out,
                 },
-                "window": self._summarize(grouped.get(capability, {}).get(model, [])),
+                "window": self._summarize(slots),
             }
-            entry["models"][model] = model_entry
-            by_class = entry["totals"].setdefault("by_class", {})
-            for name, count in totals.by_class.items():
-                by_class[name] = by_class.get(name, 0) + count
+            _merge(entry["totals"]["by_class"], totals.by_class)
         for capability, entry in capabilities.items():
-            entry["window"] = self._summarize([s for group in grouped.get(capability, {}).values() for s in group])
+            entry["window"] = self._summarize(capability_slots[capability])
         recent = max(0, min(recent, RECENT_REQUESTS))
         return {
             "window_min": self.window_s / 60,

@@ -43,22 +43,39 @@ async def cancel_on_disconnect(request: web.Request) -> AsyncIterator[CancelToke
     watcher = asyncio.create_task(watch())
     try:
         yield token
+    except BaseException:
+        # Aborted (an error, or aiohttp cancelling the handler): stop the worker too.
+        token.cancel("request aborted")
+        raise
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
 
 
-async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+async def finish_in_thread(function: Callable[..., T], *args, cancel: CancelToken) -> T:
+    """Run ``function`` in a worker thread; if this task is cancelled, tell the
+    worker through ``cancel`` and wait for it to stop before re-raising, so the
+    GPU slot is never released while the worker still computes."""
+    future = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.cancel("request aborted")
+        await asyncio.wait([future])
+        raise
+
+
+async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]], cancel: CancelToken) -> AsyncIterator[T]:
     """Create and advance a blocking iterator in worker threads, one item at a time.
 
     When the consumer stops early (client gone, error), the iterator is
     closed so a generator's ``finally`` releases what the worker held.
     """
-    iterator = await asyncio.to_thread(lambda: iter(make_iterator()))
+    iterator = await finish_in_thread(lambda: iter(make_iterator()), cancel=cancel)
     try:
         while True:
-            item = await asyncio.to_thread(next, iterator, _DONE)
+            item = await finish_in_thread(next, iterator, _DONE, cancel=cancel)
             if item is _DONE:
                 return
             yield item  # type: ignore[misc]

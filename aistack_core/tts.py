@@ -31,7 +31,7 @@ from .context import config_key, model_cache_key, registry_key, slot_key, upstre
 from .errors import AistackError, Malformed, Network, Overflow, Unknown
 from .observe import request_info
 from .registry import Registered, Registry
-from .streaming import cancel_on_disconnect, iterate_in_thread
+from .streaming import cancel_on_disconnect, finish_in_thread, iterate_in_thread
 from .tts_cache import TtsCache
 
 log = logging.getLogger("aistack.tts")
@@ -230,7 +230,7 @@ async def _serve_in_process(request: web.Request, speech: SpeechRequest) -> web.
                 if speech.stream:
                     response, body, samples = await _stream(request, speech, model, cancel, content_type, headers)
                 else:
-                    body, samples = await asyncio.to_thread(_synthesize_whole, speech, model, cancel)
+                    body, samples = await finish_in_thread(_synthesize_whole, speech, model, cancel, cancel=cancel)
                     response = web.Response(body=body, content_type=content_type, headers=headers)
     seconds = samples / speech.entry.backend.sample_rate
     info.extras["audio_sec"] = round(seconds, 3)
@@ -275,7 +275,7 @@ async def _stream(request, speech: SpeechRequest, model, cancel, content_type, h
     completed = False
     try:
         await send(await asyncio.to_thread(encoder.header))
-        async for pcm in iterate_in_thread(lambda: _synthesize(speech.entry, model, speech.options, cancel)):
+        async for pcm in iterate_in_thread(lambda: _synthesize(speech.entry, model, speech.options, cancel), cancel):
             samples += int(pcm.size)
             await send(await asyncio.to_thread(encoder.feed, pcm))
         await send(await asyncio.to_thread(encoder.close))

@@ -288,11 +288,6 @@ async def test_subtitle_cues_stay_within_limits(client, tmp_path):
     assert [c["start"] for c in cues] == sorted(c["start"] for c in cues)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: asr.regroup() cuts cues inside each backend segment; Parakeet's segments are sentences "
-    "of 0.3-0.5 s here, so cues cannot reach a second until regroup cuts across segments",
-)
 async def test_subtitle_cues_join_short_sentences(client, pieces, tmp_path):
     body = await subtitles(client, 12.0, tmp_path)
     expected = subtitle_cues([Word(s, e, w) for w, s, e in spoken_words(pieces, 12.0)])
@@ -348,11 +343,7 @@ async def test_missing_weights_answer_503(make_client, tmp_path, monkeypatch):
     "stream",
     [
         True,
-        pytest.param(False, marks=pytest.mark.xfail(
-            strict=True,
-            reason="core: when aiohttp cancels the handler (tests run with handler_cancellation=True), "
-            "cancel_on_disconnect never sets the token, so the worker thread decodes on after the slot is freed",
-        )),
+        False,
     ],
 )
 async def test_disconnect_stops_decoding_and_frees_the_slot(make_client, base_config, tiny_nemo, tmp_path, stream):
