@@ -99,6 +99,16 @@ class Config:
     # Everything, for plugins' own settings
     env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
+    def env_float(self, name: str, default: float) -> float:
+        """A plugin's own numeric setting from the environment snapshot."""
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Config":
         env = dict(os.environ if environ is None else environ)

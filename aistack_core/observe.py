@@ -219,6 +219,12 @@ class Observability:
             busy = False
             bytes_out = 0
         extras = info.extras
+        bytes_in = request.content_length or 0
+        if extras and ("bytes_in" in extras or "bytes_out" in extras):
+            # The proxies count what they relayed; those figures win over the headers'.
+            extras = dict(extras)
+            bytes_in = extras.pop("bytes_in", bytes_in)
+            bytes_out = extras.pop("bytes_out", bytes_out)
         outcome = RequestOutcome(
             started_at=time.time() - latency,
             request_id=info.request_id,
@@ -232,10 +238,10 @@ class Observability:
             latency_s=latency,
             slot_wait_s=info.slot_wait_s,
             client=request.remote,
-            bytes_in=extras.get("bytes_in", request.content_length or 0) if extras else (request.content_length or 0),
-            bytes_out=extras.get("bytes_out", bytes_out) if extras else bytes_out,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
             headers_s=None if info.headers_sent_at is None else info.headers_sent_at - info.started,
-            extras={k: v for k, v in extras.items() if k not in ("bytes_in", "bytes_out")} if extras else {},
+            extras=extras,
         )
         if self.metrics is not None:
             self.metrics.record(outcome)
@@ -279,6 +285,12 @@ class Observability:
 
 observability_key = web.AppKey("observability", Observability)
 
+# Liveness probes arrive every few seconds from Docker, systemd or a load
+# balancer: recording each would drown real traffic in the access log and
+# metrics, and /health must stay as cheap as a probe expects.  They still
+# get their X-Request-ID.
+UNOBSERVED_PATHS = frozenset({"/health"})
+
 
 @web.middleware
 async def observe_middleware(request: web.Request, handler) -> web.StreamResponse:
@@ -289,6 +301,8 @@ async def observe_middleware(request: web.Request, handler) -> web.StreamRespons
     here (aiohttp then finds it already finished), so latency covers the
     body and a client that vanished while it was sent is noticed.
     """
+    if request.path in UNOBSERVED_PATHS:
+        return await handler(request)
     observability = request.app[observability_key]
     info = request_info(request)
     capture = None

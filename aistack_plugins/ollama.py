@@ -23,16 +23,6 @@ PROVIDER = "Ollama"
 DEFAULT_KEEP_ALIVE = "30s"
 
 
-def _seconds(config: Config, name: str, default: float) -> float:
-    value = config.env.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name}: expected seconds, got {value!r}") from None
-
-
 def is_embedding_model(tag: dict[str, Any]) -> bool:
     """Ollama has no capability flag in /api/tags; the family and name tell.
 
@@ -102,8 +92,8 @@ def make_upstream(config: Config) -> Upstream:
             f"Ollama is not reachable at {base_url}. Start it with: ollama serve "
             f"(or point AISTACK_OLLAMA_URL at where it runs)"
         ),
-        connect_timeout=_seconds(config, "AISTACK_OLLAMA_CONNECT_TIMEOUT_S", 5.0),
-        read_timeout=_seconds(config, "AISTACK_OLLAMA_READ_TIMEOUT_S", 600.0),
+        connect_timeout=config.env_float("AISTACK_OLLAMA_CONNECT_TIMEOUT_S", 5.0),
+        read_timeout=config.env_float("AISTACK_OLLAMA_READ_TIMEOUT_S", 600.0),
         rewrite_json=default_keep_alive,
         evict_before=("asr",),
         timeout_status=504,

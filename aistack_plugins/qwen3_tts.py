@@ -31,16 +31,6 @@ CARD = ModelCard(
 )
 
 
-def _seconds(config: Config, name: str, default: float) -> float:
-    value = config.env.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name}: expected seconds, got {value!r}") from None
-
-
 def make_probe(base_url: str) -> Callable[[aiohttp.ClientSession], Awaitable[list[ModelCard]]]:
     health_url = base_url.rstrip("/") + "/health"
 
@@ -66,8 +56,8 @@ def make_upstream(config: Config) -> Upstream:
             f"Qwen3-TTS container is not reachable at {base_url}. "
             f"Start it with: docker compose -f {COMPOSE_FILE} up -d"
         ),
-        connect_timeout=_seconds(config, "AISTACK_QWEN3_TTS_CONNECT_TIMEOUT_S", 5.0),
-        read_timeout=_seconds(config, "AISTACK_QWEN3_TTS_READ_TIMEOUT_S", 600.0),
+        connect_timeout=config.env_float("AISTACK_QWEN3_TTS_CONNECT_TIMEOUT_S", 5.0),
+        read_timeout=config.env_float("AISTACK_QWEN3_TTS_READ_TIMEOUT_S", 600.0),
         # The TTS contract: anything but "nothing listens" is a bad gateway.
         timeout_status=502,
     )
