@@ -47,6 +47,7 @@ async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:
                 total=None, connect=upstream.connect_timeout, sock_read=upstream.read_timeout
             ),
             auto_decompress=False,
+            read_bufsize=1 << 20,  # bigger reads, fewer writes on the relay hot path
             connector=aiohttp.TCPConnector(limit=0, force_close=False),
         )
     app[upstream_sessions_key] = sessions
