@@ -211,3 +211,18 @@ async def test_round_trip_speech_to_text(make_client, tmp_path):
         rates.append(word_error_rate(text, result["text"]))
     assert sum(rates) / len(rates) <= 0.2, rates
     assert client.app[slot_key].is_free
+
+
+async def test_multipart_speech_request_served_in_process(tts_client):
+    form = aiohttp.FormData()
+    for key, value in (("model", "tts-1"), ("voice", "alloy"), ("input", "Hello there."), ("response_format", "wav")):
+        form.add_field(key, value)
+    response = await tts_client.post("/v1/audio/speech", data=form)
+    assert response.status == 200 and response.headers["Content-Type"] == "audio/wav"
+    assert decoded_duration(await response.read(), "wav") > 0.5
+    with_clone = aiohttp.FormData()
+    for key, value in (("model", "tts-1"), ("input", "Hello there.")):
+        with_clone.add_field(key, value)
+    with_clone.add_field("audio_sample", b"RIFF....", filename="me.wav", content_type="audio/wav")
+    refused = await tts_client.post("/v1/audio/speech", data=with_clone)
+    assert refused.status == 400 and "Base" in (await refused.json())["error"]["message"]

@@ -173,9 +173,9 @@ class Received:
         return hashlib.sha256(self.body).hexdigest()
 
 
-RECEIVED_KEY = "emulator.received"
-FAULTS_KEY = "emulator.faults"
-RESPONSE_KEY = "emulator.response"
+RECEIVED_KEY = web.RequestKey("emulator.received", Received)
+FAULTS_KEY = web.RequestKey("emulator.faults", Faults)
+RESPONSE_KEY = web.RequestKey("emulator.response", web.StreamResponse)
 WATCH_INTERVAL_S = 0.02
 
 
