@@ -17,6 +17,7 @@ import email.policy
 import json
 import logging
 import time
+import urllib.parse
 from typing import Any
 
 import attrs
@@ -80,9 +81,15 @@ def _form_fields(body: bytes, content_type: str) -> dict[str, Any]:
 
 
 def read_fields(body: bytes, content_type: str) -> dict[str, Any] | None:
-    """The request's fields, or None when the body is neither JSON nor a form."""
+    """The request's fields, or None when the body is neither JSON nor a form.
+
+    :param content_type: the whole Content-Type header (a form's boundary is a parameter).
+    """
     if content_type.startswith("multipart/form-data"):
         return _form_fields(body, content_type)
+    content_type = content_type.split(";")[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded":
+        return dict(urllib.parse.parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True))
     try:
         fields = json.loads(body or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -332,7 +339,7 @@ async def audio_route(request: web.Request) -> web.StreamResponse:
     if request.method != "POST" or tail not in SPEECH_TAILS or is_websocket:
         return await _proxy(request, tail, None, None)
     body = await request.read()
-    fields = read_fields(body, request.content_type)
+    fields = read_fields(body, request.headers.get("Content-Type", ""))
     if fields is None:
         if request.app[registry_key].upstream_for("tts") is None:
             raise Malformed("Send the speech request as a JSON object (or multipart/form-data).")

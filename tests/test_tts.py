@@ -214,12 +214,14 @@ async def test_round_trip_speech_to_text(make_client, tmp_path):
 
 
 async def test_multipart_speech_request_served_in_process(tts_client):
-    form = aiohttp.FormData()
-    for key, value in (("model", "tts-1"), ("voice", "alloy"), ("input", "Hello there."), ("response_format", "wav")):
-        form.add_field(key, value)
-    response = await tts_client.post("/v1/audio/speech", data=form)
-    assert response.status == 200 and response.headers["Content-Type"] == "audio/wav"
-    assert decoded_duration(await response.read(), "wav") > 0.5
+    fields = (("model", "tts-1"), ("voice", "alloy"), ("input", "Hello there."), ("response_format", "wav"))
+    for multipart in (True, False):  # multipart/form-data, then urlencoded
+        form = aiohttp.FormData(default_to_multipart=multipart)
+        for key, value in fields:
+            form.add_field(key, value)
+        response = await tts_client.post("/v1/audio/speech", data=form)
+        assert response.status == 200 and response.headers["Content-Type"] == "audio/wav"
+        assert decoded_duration(await response.read(), "wav") > 0.5
     with_clone = aiohttp.FormData()
     for key, value in (("model", "tts-1"), ("input", "Hello there.")):
         with_clone.add_field(key, value)
