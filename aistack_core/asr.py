@@ -94,7 +94,7 @@ async def parse_request(request: web.Request, config: Config) -> TranscriptionRe
     limit = config.max_upload_mb * 1024 * 1024
     if request.content_length is not None and request.content_length > limit + MAX_FIELD_BYTES * 16:
         raise Overflow(
-            f"The request body ({request.content_length // (1024 * 1024)} MB) is larger than the "
+            f"The request body ({request.content_length / (1024 * 1024):.1f} MB) is larger than the "
             f"{config.max_upload_mb} MB upload limit (AISTACK_MAX_UPLOAD_MB)."
         )
     if not request.content_type.startswith("multipart/"):
@@ -118,6 +118,10 @@ async def parse_request(request: web.Request, config: Config) -> TranscriptionRe
                 raise Malformed(f"Field {name!r} is too long (max {MAX_FIELD_BYTES} bytes).")
             value = raw.decode("utf-8", errors="replace")
             _apply_field(parsed, name, value)
+    except ValueError as exc:  # aiohttp's word for a broken multipart body
+        if parsed.upload is not None:
+            parsed.upload.unlink(missing_ok=True)
+        raise Malformed(f"The multipart/form-data body could not be read ({exc}). Send a well-formed form.") from None
     except BaseException:
         if parsed.upload is not None:
             parsed.upload.unlink(missing_ok=True)
@@ -386,7 +390,8 @@ async def transcribe(request: web.Request) -> web.StreamResponse:
     parsed = await parse_request(request, config)
     try:
         validate(parsed)
-        entry = app[registry_key].resolve_asr(parsed.model, parsed.language)
+        # resolve_asr checks model files on disk (for `auto`), so off the event loop.
+        entry = await asyncio.to_thread(app[registry_key].resolve_asr, parsed.model, parsed.language)
         card = entry.card
         info.model, info.provider = card.id, card.provider
         info.extras.update(stream=parsed.stream, response_format=parsed.response_format)

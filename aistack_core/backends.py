@@ -149,6 +149,16 @@ class AsrBackend(Protocol):
     ) -> Transcription:
         """Transcribe ``audio`` with the loaded ``model``.  Raise typed errors."""
 
+    # Optional: ``def unavailable(self) -> str | None`` says why the backend cannot
+    # serve right now (e.g. its weights are not on disk), or None.  The core then
+    # hides it from /v1/models and from ``auto``; an explicit request still reaches
+    # ``load`` and gets the plugin's own 503.  Keep it to cheap file checks.
+
+
+def backend_unavailable(backend: Any) -> str | None:
+    check = getattr(backend, "unavailable", None)
+    return check() if check is not None else None
+
 
 # --- text-to-speech -----------------------------------------------------------
 

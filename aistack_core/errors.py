@@ -142,8 +142,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             raise
         return _from_http_exception(exc, request).to_response()
     except (ConnectionResetError, ConnectionAbortedError):
-        # The client is gone: there is no one to answer.
-        raise
+        # The client hung up (e.g. mid-upload): nobody will read this answer, but
+        # returning it keeps a routine disconnect out of the error log.
+        return Cancelled("The client closed the connection before the request finished.").to_response()
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return Unknown(

@@ -31,7 +31,7 @@ NO_BACKEND = (
 def _parse_object(raw: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd numbers, deep nesting
         raise Malformed(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(payload, dict):
         raise Malformed(f"The request body must be a JSON object, got {type(payload).__name__}.")
@@ -65,7 +65,8 @@ def _outgoing_body(raw: bytes, payload: dict[str, Any], rewrite: Callable[[dict]
     rewritten = rewrite(dict(payload))
     if rewritten == payload:
         return raw
-    return json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    # ASCII escapes keep any odd text the client sent (even lone surrogates) intact as JSON.
+    return json.dumps(rewritten, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 async def _proxy_json(request: web.Request, check: Callable[[dict[str, Any]], None]) -> web.StreamResponse:

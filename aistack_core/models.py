@@ -74,16 +74,23 @@ class UpstreamProbes:
 probes_key = web.AppKey("upstream_probes", UpstreamProbes)
 
 
-async def list_entries(app: web.Application) -> list[dict]:
+def _in_process_entries(app: web.Application) -> list[dict]:
     registry = app[registry_key]
+    asr = registry.serving("asr")
     entries: list[dict] = []
-    auto = registry.auto_card()
+    auto = registry.auto_card(asr)
     if auto is not None:
         entries.append(auto)
-    for table in (registry.asr, registry.tts):
-        entries.extend(entry.card.to_openai() for entry in sorted(table.values(), key=lambda e: e.card.id))
-    entries.extend(card.to_openai() for card in await app[probes_key].cards(app))
+    for pool in (asr, registry.serving("tts")):
+        entries.extend(entry.card.to_openai() for entry in sorted(pool, key=lambda e: e.card.id))
     return entries
+
+
+async def list_entries(app: web.Application) -> list[dict]:
+    local, remote = await asyncio.gather(
+        asyncio.to_thread(_in_process_entries, app), app[probes_key].cards(app)
+    )
+    return local + [card.to_openai() for card in remote]
 
 
 async def get_models(request: web.Request) -> web.Response:
@@ -92,6 +99,13 @@ async def get_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     wanted = request.match_info["model"]
+    registry = request.app[registry_key]
+    # Aliases (whisper-1, tts-1, parakeet, ...) retrieve the model they stand for.
+    for capability in ("asr", "tts"):
+        found = registry.resolve_tts(wanted) if capability == "tts" else registry.find("asr", wanted)
+        if found is not None:
+            wanted = found.card.id
+            break
     for entry in await list_entries(request.app):
         if entry["id"] == wanted:
             return web.json_response(entry)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import attrs
 
-from .backends import AsrBackend, ModelCard, TtsBackend, Upstream
+from .backends import AsrBackend, ModelCard, TtsBackend, Upstream, backend_unavailable
 from .config import Config
 from .errors import Malformed, Network
 from .plugins import PluginSet
@@ -202,7 +202,9 @@ class Registry:
                 "No speech-to-text backend is installed. Install one with: pip install 'aistack[whisper]'"
             )
         lang = normalize_language(language)
-        pool = sorted(self.asr.values(), key=lambda r: (r.card.auto_priority, r.card.id))
+        ranked = sorted(self.asr.values(), key=lambda r: (r.card.auto_priority, r.card.id))
+        # Skip backends that cannot serve now; if none can, the best one's own error explains why.
+        pool = [r for r in ranked if backend_unavailable(r.backend) is None] or ranked[:1]
         if lang:
             preferred = [r for r in pool if lang in r.card.auto_languages]
             if preferred:
@@ -212,8 +214,13 @@ class Registry:
                 return capable[0]
         return pool[0]
 
-    def auto_card(self) -> dict | None:
-        if not self.asr:
+    def serving(self, capability: str) -> list[Registered]:
+        """In-process backends that can serve now (blocking file checks: call from a thread)."""
+        table = {"asr": self.asr, "tts": self.tts}[capability]
+        return [entry for entry in table.values() if backend_unavailable(entry.backend) is None]
+
+    def auto_card(self, pool: list[Registered]) -> dict | None:
+        if not pool:
             return None
         return {
             "id": AUTO_ALIAS,
@@ -221,7 +228,7 @@ class Registry:
             "created": 0,
             "owned_by": "aistack",
             "capabilities": ["asr"],
-            "supports_streaming": all(r.card.supports_streaming for r in self.asr.values()),
+            "supports_streaming": all(r.card.supports_streaming for r in pool),
             "is_routing_alias": True,
         }
 

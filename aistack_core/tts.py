@@ -15,6 +15,7 @@ import contextlib
 import email.parser
 import email.policy
 import json
+import re
 import logging
 import time
 import urllib.parse
@@ -29,7 +30,7 @@ from . import audio, proxy
 from .backends import CancelToken, SpeechOptions
 from .config import Config
 from .context import config_key, model_cache_key, registry_key, slot_key, upstream_sessions_key
-from .errors import AistackError, Malformed, Network, Overflow, Unknown
+from .errors import AistackError, Malformed, Network, Overflow
 from .observe import request_info
 from .registry import Registered, Registry
 from .streaming import cancel_on_disconnect, finish_in_thread, iterate_in_thread
@@ -42,6 +43,7 @@ OPENAI_VOICES = (
 )
 CLONING_FIELDS = ("ref_audio", "audio_sample", "custom_voice_file", "speaker_wav")
 MAX_INPUT_CHARS = 4096
+_UNSPEAKABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 SPEECH_TAILS = ("speech", "speech/stream")
 
 tts_cache_key = web.AppKey("tts_cache", TtsCache)
@@ -92,7 +94,7 @@ def read_fields(body: bytes, content_type: str) -> dict[str, Any] | None:
         return dict(urllib.parse.parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True))
     try:
         fields = json.loads(body or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, absurd numbers, deep nesting
         return None
     return fields if isinstance(fields, dict) else None
 
@@ -147,6 +149,8 @@ def parse_speech(fields: dict[str, Any], entry: Registered, request: web.Request
         raise Malformed("'input' is required: the text to speak, as a non-empty string.")
     if len(text) > MAX_INPUT_CHARS:
         raise Overflow(f"'input' has {len(text)} characters; the limit is {MAX_INPUT_CHARS}. Split the text.")
+    if _UNSPEAKABLE.search(text):
+        raise Malformed("'input' contains control characters or invalid Unicode (lone surrogates); send plain text.")
     for field in CLONING_FIELDS:
         if fields.get(field) not in (None, "", b""):
             raise Malformed(
@@ -165,10 +169,11 @@ def parse_speech(fields: dict[str, Any], entry: Registered, request: web.Request
         raise Malformed(f"'speed' must be a number between 0.25 and 4.0, got {fields.get('speed')!r}.") from None
     if not audio.MIN_SPEED <= speed <= audio.MAX_SPEED:
         raise Malformed(f"'speed' must be between 0.25 and 4.0, got {speed}.")
-    stream = tail == "speech/stream" or _flag(fields, "stream", False)
     stream_format = str(fields.get("stream_format") or "audio").lower()
     if stream_format not in ("audio", "sse"):
         raise Malformed(f"Unsupported stream_format {stream_format!r}; use 'audio' or 'sse'.")
+    # As in OpenAI's API, asking for SSE events is asking for a stream.
+    stream = tail == "speech/stream" or stream_format == "sse" or _flag(fields, "stream", False)
     cache_control = request.headers.get("Cache-Control", "").lower()
     use_cache = _flag(fields, "cache", True) and "no-cache" not in cache_control and "no-store" not in cache_control
     options = SpeechOptions(
@@ -253,7 +258,10 @@ def _synthesize_whole(speech: SpeechRequest, model: Any, cancel: CancelToken) ->
     chunks = list(_synthesize(speech.entry, model, speech.options, cancel))
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
     if pcm.size == 0:
-        raise Unknown(f"{speech.entry.card.id} produced no audio for this input.", provider=speech.entry.card.provider)
+        raise Malformed(
+            f"Nothing in 'input' can be spoken (it produced no audio): send words, not only punctuation or symbols.",
+            provider=speech.entry.card.provider,
+        )
     return audio.encode(pcm, backend.sample_rate, speech.response_format), int(pcm.size)
 
 

@@ -114,7 +114,7 @@ class TtsCache:
         Parts set to None count as absent, and numbers compare by value.
         """
         document = {"v": KEY_VERSION, **_canonical(parts)}
-        encoded = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        encoded = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 
     def _path(self, key: str) -> Path:

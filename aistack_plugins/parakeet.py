@@ -256,6 +256,14 @@ class ParakeetBackend:
     def local_attention_above_s(self) -> float:
         return self.config.parakeet_local_attention_above_s
 
+    def unavailable(self) -> str | None:
+        """Why this model cannot serve now (no local weights), or None; cheap file checks only."""
+        try:
+            resolve_weights(self.config)
+        except Network as exc:
+            return exc.message
+        return None
+
     def load(self) -> LoadedParakeet:
         source = resolve_weights(self.config)
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -240,6 +240,16 @@ class SenseVoiceBackend:
     config: Config
     card: ModelCard = CARD
 
+    def unavailable(self) -> str | None:
+        """Why this model cannot serve now (no local weights), or None; cheap file checks only."""
+        allow = self.config.allow_downloads
+        try:
+            resolve_model(self.config.sensevoice_model, MODEL_ID, "AISTACK_SENSEVOICE_MODEL", allow)
+            resolve_model(self.config.sensevoice_vad_model, VAD_MODEL_ID, "AISTACK_SENSEVOICE_VAD_MODEL", allow)
+        except Network as exc:
+            return exc.message
+        return None
+
     def load(self) -> LoadedSenseVoice:
         allow = self.config.allow_downloads
         model = resolve_model(self.config.sensevoice_model, MODEL_ID, "AISTACK_SENSEVOICE_MODEL", allow)

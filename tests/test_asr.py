@@ -224,3 +224,20 @@ async def test_disconnect_frees_the_slot_within_a_second(plugin_set, base_config
         assert slot.is_free and not backend.running.is_set()
         assert time.monotonic() - closed_at < 1.0
         assert list(base_config.upload_dir.iterdir()) == []
+
+
+async def test_broken_multipart_bodies_are_client_errors(whisper_client):
+    for content_type, body in (
+        ("multipart/form-data; boundary=zzz", b"garbage"),
+        ("multipart/form-data", b"--x\r\n"),
+        ("multipart/form-data; boundary=zzz", b'--zzz\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1'),
+    ):
+        response = await whisper_client.post("/v1/audio/transcriptions", data=body, headers={"Content-Type": content_type})
+        assert response.status == 400, await response.text()
+        assert_envelope(await response.json(), "malformed")
+
+
+async def test_model_retrieve_by_alias(whisper_client):
+    client = openai_client(whisper_client)
+    model = await client.models.retrieve("whisper-1")
+    assert model.id == "whisper-tiny.en"

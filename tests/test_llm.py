@@ -381,3 +381,22 @@ async def test_models_stay_fast_when_ollama_hangs(gateway, ollama):
     assert time.monotonic() - started < 0.6
     assert response.status == 200
     assert not [m for m in (await response.json())["data"] if m["owned_by"] == "ollama"]
+
+
+
+
+async def test_odd_but_valid_text_survives_the_keep_alive_rewrite(gateway, ollama):
+    client = await gateway()
+    raw = '{"model": "qwen3:4b", "messages": [{"role": "user", "content": "caf\\u00e9 \\ud800 \\u4f60\\u597d"}]}'
+    response = await client.post(CHAT, data=raw, headers={"Content-Type": "application/json"})
+    assert response.status == 200, await response.text()
+    sent = json.loads(ollama.last(CHAT).body)
+    assert sent["messages"][0]["content"] == "caf\u00e9 \ud800 \u4f60\u597d" and sent["keep_alive"] == "30s"
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "m", "messages": [], "temperature": ' + b"9" * 5000 + b"}", b"[" * 100000])
+async def test_absurd_json_is_malformed(gateway, raw):
+    client = await gateway()
+    response = await client.post(CHAT, data=raw, headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    assert (await response.json())["error"]["kind"] == "malformed"

@@ -449,3 +449,20 @@ def test_registry_entry_point_loads_the_plugin():
     registry = Registry.from_plugins(plugins, Config())
     assert registry.resolve_asr("parakeet", None).card.id == MODEL_ID
     assert registry.resolve_asr("auto", "de").card.id == MODEL_ID
+
+
+async def test_without_local_weights_hidden_and_auto_falls_back(make_client, tmp_path, monkeypatch, sentences_wav):
+    from huggingface_hub import constants
+
+    import aistack_plugins.faster_whisper as faster_whisper_plugin
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    client = await make_client(plugins={"parakeet": parakeet, "faster_whisper": faster_whisper_plugin})
+    ids = [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
+    assert "nvidia/parakeet-tdt-0.6b-v3" not in ids and "whisper-tiny.en" in ids
+    for language in ("en", "fr"):
+        response = await client.post("/v1/audio/transcriptions", data=form(sentences_wav[0][1], model="auto", language=language))
+        assert response.status == 200, await response.text()
+    explicit = await client.post("/v1/audio/transcriptions", data=form(sentences_wav[0][1], model="parakeet"))
+    assert explicit.status == 503
+    assert "AISTACK_PARAKEET_MODEL" in assert_envelope(await explicit.json(), "network")["message"]

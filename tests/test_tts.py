@@ -228,3 +228,20 @@ async def test_multipart_speech_request_served_in_process(tts_client):
     with_clone.add_field("audio_sample", b"RIFF....", filename="me.wav", content_type="audio/wav")
     refused = await tts_client.post("/v1/audio/speech", data=with_clone)
     assert refused.status == 400 and "Base" in (await refused.json())["error"]["message"]
+
+
+async def test_unspeakable_and_odd_input_is_a_client_error(tts_client):
+    for text, needle in (("...", "spoken"), ("a\u0000b", "control"), ("a\ud800b", "surrogate")):
+        body = json.dumps({"model": "tts-1", "voice": "alloy", "input": text, "response_format": "wav", "cache": False})
+        response = await tts_client.post("/v1/audio/speech", data=body, headers={"Content-Type": "application/json"})
+        assert response.status == 400, (text, await response.text())
+        assert needle in assert_envelope(await response.json(), "malformed")["message"]
+    for raw in (b'{"model":"tts-1","input":"hi","speed":' + b"9" * 5000 + b"}", b"[" * 100000):
+        response = await tts_client.post("/v1/audio/speech", data=raw, headers={"Content-Type": "application/json"})
+        assert response.status == 400
+
+
+async def test_sse_stream_format_alone_streams(tts_client):
+    response = await speak(tts_client, input="Hello.", response_format="pcm", stream_format="sse", cache=False)
+    assert response.content_type == "text/event-stream"
+    assert "speech.audio.done" in await response.text()
