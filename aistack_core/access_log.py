@@ -28,7 +28,7 @@ Item = TypeVar("Item")
 DEFAULT_MAX_PENDING_RECORDS = 10_000
 # The thread sleeps this long between batches unless the queue is filling up,
 # so a burst of requests costs one wake-up and one write, not one each.
-DEFAULT_WAKE_EVERY_S = 0.25
+DEFAULT_WAKE_EVERY_S = 0.5
 
 
 class OffLoopWriter(Generic[Item]):
@@ -50,13 +50,13 @@ class OffLoopWriter(Generic[Item]):
         *,
         max_pending: int,
         wake_every_s: float = DEFAULT_WAKE_EVERY_S,
-        on_idle: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.max_pending = max_pending
         self._handle_batch = handle_batch
         self._wake_every_s = wake_every_s
-        self._on_idle = on_idle
+        self._on_tick = on_tick  # called after every wake-up, for periodic chores
         self._pending: collections.deque[Item] = collections.deque()
         self._wake = threading.Event()
         self._progress = threading.Condition()
@@ -124,11 +124,11 @@ class OffLoopWriter(Generic[Item]):
                 with self._progress:
                     self._handled += len(batch)
                     self._progress.notify_all()
-            elif self._on_idle is not None:
+            if self._on_tick is not None:
                 try:
-                    self._on_idle()
+                    self._on_tick()
                 except Exception:  # noqa: BLE001
-                    log.exception("%s: idle task failed", self.name)
+                    log.exception("%s: periodic task failed", self.name)
             if self._stopping and not self._pending:
                 return
 

@@ -19,7 +19,8 @@ first, then the oldest until the total fits.
 Request bodies: one the handler read whole (``request.read()``, ``json()``,
 ``post()`` for url-encoded forms) is picked up after the handler from
 aiohttp's cache.  Code that streams a body itself (multipart uploads, proxy
-pass-through) calls :func:`tee_request_body` with each raw chunk.
+pass-through) calls :func:`tee_request_body` with each raw chunk, or
+forwards :func:`upstream_body` instead of ``request.content``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
 from aiohttp import web
 
@@ -39,6 +40,8 @@ from .access_log import OffLoopWriter
 from .metrics import RequestOutcome, iso_utc
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from aiohttp import StreamReader
+
     from .observe import RequestInfo
 
 log = logging.getLogger("aistack.capture")
@@ -149,7 +152,7 @@ class RequestCapture:
             "request": {
                 "headers": redact_headers(request.headers.items()),
                 "content_type": request.headers.get("Content-Type"),
-                "bytes": self.req_seen,
+                "bytes": self.req_seen or request.content_length or 0,
                 "captured_bytes": self.req_kept,
                 "truncated": self.req_seen > self.cap,
                 # A body aiohttp could not hand back and nobody teed (e.g. a
@@ -209,7 +212,7 @@ class PayloadStore:
         self._budget_lock = threading.Lock()
         self.writer: OffLoopWriter[tuple[str, Any, Any]] = OffLoopWriter(
             "aistack-payload-capture", self._run_ops, max_pending=MAX_PENDING_OPERATIONS,
-            wake_every_s=wake_every_s, on_idle=self._sweep_if_due,
+            wake_every_s=wake_every_s, on_tick=self._sweep_if_due,
         )
 
     # --- event loop side ----------------------------------------------------------
@@ -422,6 +425,21 @@ def tee_request_body(request: web.BaseRequest, chunk: bytes | bytearray | memory
     capture = request.get(capture_key)
     if capture is not None:
         capture.add_request(chunk)
+
+
+def upstream_body(request: web.BaseRequest) -> "StreamReader | AsyncIterator[bytes]":
+    """The client's body to forward upstream: ``request.content`` itself, or,
+    while capture is on, the same chunks teed into the capture as they pass."""
+    capture = request.get(capture_key)
+    if capture is None:
+        return request.content
+    return _teed_chunks(request.content, capture)
+
+
+async def _teed_chunks(content: "StreamReader", capture: RequestCapture) -> AsyncIterator[bytes]:
+    async for chunk in content.iter_any():
+        capture.add_request(chunk)
+        yield chunk
 
 
 async def capture_read_body(request: web.BaseRequest, capture: RequestCapture) -> None:

@@ -91,6 +91,8 @@ class RequestOutcome:
         value = self.extras.get("rtf")
         if isinstance(value, (int, float)):
             return float(value)
+        if "audio_sec" not in self.extras:
+            return None
         audio = self.audio_sec
         if audio:  # the capability gave the audio length but no factor: work time over audio time
             return (self.latency_s - (self.slot_wait_s or 0.0)) / audio
@@ -137,25 +139,27 @@ _CORE_FIELDS = frozenset({
     "slot_wait_ms", "client", "bytes_in", "bytes_out", "headers_ms",
 })
 _escape_json_string = json.encoder.encode_basestring  # C; keeps non-ASCII as is
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str).encode
 
 
 def _encode_members(values: Mapping[str, Any]) -> str:
     """``"k":v,...`` for a small dict of scalars, faster than the json module for a handful of keys."""
     parts = []
     for key, value in values.items():
+        kind = type(value)
         if value is None:
             text = "null"
-        elif value is True:
-            text = "true"
-        elif value is False:
-            text = "false"
-        elif isinstance(value, str):
+        elif kind is bool:
+            text = "true" if value else "false"
+        elif kind is str:
             text = _escape_json_string(value)
-        elif isinstance(value, (int, float)) and math.isfinite(value):
-            text = repr(value)
+        elif kind is int or kind is float:
+            text = repr(value) if math.isfinite(value) else "null"  # JSON has no NaN or Infinity
         else:
-            text = _encode_json(value)
+            try:
+                text = _encode_json(value)
+            except ValueError:  # a NaN somewhere inside
+                text = "null"
         parts.append(_escape_json_string(str(key)) + ":" + text)
     return ",".join(parts)
 
@@ -324,20 +328,24 @@ class Metrics:
             totals = self.series.get(key)
             if totals is None:
                 totals = self.series[key] = SeriesTotals(self._window_minutes)
-        slot = totals.slot(int(self._clock() // 60))
+        minute = int(self._clock() // 60)
+        minutes = totals.minutes
+        slot = minutes[-1] if minutes and minutes[-1].minute == minute else totals.slot(minute)
         outcome_class = outcome.outcome_class
         totals.by_class[outcome_class] = totals.by_class.get(outcome_class, 0) + 1
         slot.by_class[outcome_class] = slot.by_class.get(outcome_class, 0) + 1
         latency = outcome.latency_s
         totals.latency.observe(latency)
-        _add(slot.latency, latency)
+        index = log_bucket(latency)
+        slot.latency[index] = slot.latency.get(index, 0) + 1
         slot_wait = outcome.slot_wait_s
         if slot_wait is not None:
             totals.slot_wait.observe(slot_wait)
             _add(slot.slot_wait, slot_wait)
         # Audio counts only when it was served: a busy or failed request may
         # know its upload's length but processed none of it.
-        if outcome.extras and outcome_class == "2xx":
+        extras = outcome.extras
+        if outcome_class == "2xx" and extras and ("audio_sec" in extras or "rtf" in extras):
             audio_sec = outcome.audio_sec
             if audio_sec is not None:
                 totals.audio_sec += audio_sec

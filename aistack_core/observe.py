@@ -196,10 +196,6 @@ class Observability:
         )
         self._prometheus: Any = None
 
-    @property
-    def records_requests(self) -> bool:
-        return self.metrics is not None or self.access_log is not None or self.payloads is not None
-
     def finish(
         self,
         request: web.Request,
@@ -213,7 +209,11 @@ class Observability:
         if response is not None:
             status = response.status
             busy = status == 503 and "Retry-After" in response.headers
-            bytes_out = response.body_length
+            # Body bytes when the length is declared; for streamed answers,
+            # the bytes written to the connection.
+            bytes_out = response.content_length
+            if bytes_out is None:
+                bytes_out = response.body_length
         else:
             status = 499 if disconnected else 500
             busy = False
@@ -225,23 +225,26 @@ class Observability:
             extras = dict(extras)
             bytes_in = extras.pop("bytes_in", bytes_in)
             bytes_out = extras.pop("bytes_out", bytes_out)
+        started = info.started
+        headers_sent_at = info.headers_sent_at
+        # Positional, in field order: this runs for every request.
         outcome = RequestOutcome(
-            started_at=time.time() - latency,
-            request_id=info.request_id,
-            method=request.method,
-            path=request.path,
-            status=status,
-            outcome_class=classify(status, busy=busy, disconnected=disconnected),
-            capability=info.capability or capability_for_path(request.path),
-            model=info.model or "",
-            provider=info.provider,
-            latency_s=latency,
-            slot_wait_s=info.slot_wait_s,
-            client=request.remote,
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
-            headers_s=None if info.headers_sent_at is None else info.headers_sent_at - info.started,
-            extras=extras,
+            time.time() - latency,
+            info.request_id,
+            request.method,
+            request.path,
+            status,
+            "2xx" if status < 300 and not disconnected else classify(status, busy=busy, disconnected=disconnected),
+            info.capability or capability_for_path(request.path),
+            info.model or "",
+            info.provider,
+            latency,
+            info.slot_wait_s,
+            request.remote,
+            bytes_in,
+            bytes_out,
+            None if headers_sent_at is None else headers_sent_at - started,
+            extras,
         )
         if self.metrics is not None:
             self.metrics.record(outcome)
@@ -290,21 +293,31 @@ observability_key = web.AppKey("observability", Observability)
 # metrics, and /health must stay as cheap as a probe expects.  They still
 # get their X-Request-ID.
 UNOBSERVED_PATHS = frozenset({"/health"})
+# Non-streamed bodies at least this large are sent inside the observe
+# middleware (see there); smaller ones go out in one socket write anyway.
+SEND_HERE_ABOVE_BYTES = 64 * 1024
 
 
 @web.middleware
 async def observe_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Time the request to its last byte and record how it ended.
+    """The request id (as :func:`request_id_middleware`) and the recording of the request.
 
+    One layer instead of two, because every request passes through it.
     Sits outside the error middleware, so it sees the envelope responses
-    that middleware makes.  A response the handler returned unsent is sent
-    here (aiohttp then finds it already finished), so latency covers the
-    body and a client that vanished while it was sent is noticed.
+    that middleware makes.  A large response the handler returned unsent is
+    sent here (aiohttp then finds it already finished), so latency covers
+    the body and a client that vanished meanwhile is noticed; a small one
+    fits the socket buffer at once and is left to aiohttp, which is cheaper.
     """
+    info = RequestInfo(pick_request_id(request.headers.get("X-Request-ID")))
+    request[REQUEST_INFO] = info
+    token = current_request_id.set(info.request_id)
     if request.path in UNOBSERVED_PATHS:
-        return await handler(request)
+        try:
+            return await handler(request)
+        finally:
+            current_request_id.reset(token)
     observability = request.app[observability_key]
-    info = request_info(request)
     capture = None
     if observability.payloads is not None:
         capture = payload_capture.begin(observability.payloads, request, info, time.time())
@@ -313,7 +326,9 @@ async def observe_middleware(request: web.Request, handler) -> web.StreamRespons
         response = await handler(request)
         if capture is not None:
             await payload_capture.capture_read_body(request, capture)
-        if not response.prepared:
+        if not response.prepared and (
+            capture is not None or (response.content_length or SEND_HERE_ABOVE_BYTES) >= SEND_HERE_ABOVE_BYTES
+        ):
             await response.prepare(request)
             await response.write_eof()
         return response
@@ -335,13 +350,18 @@ async def observe_middleware(request: web.Request, handler) -> web.StreamRespons
         response = exc
         raise
     finally:
-        observability.finish(request, info, response, capture)
+        try:
+            observability.finish(request, info, response, capture)
+        except Exception:  # noqa: BLE001 - recording must never fail the request it records
+            log.exception("could not record %s %s", request.method, request.path)
+        finally:
+            current_request_id.reset(token)
 
 
 def middlewares(config: Config) -> list:
-    """The observability middlewares, outermost first (request id always)."""
+    """The outer middlewares: the request id alone, or with the recording when any sink is on."""
     if config.obs_metrics or config.obs_access_log or config.obs_payload:
-        return [request_id_middleware, observe_middleware]
+        return [observe_middleware]
     return [request_id_middleware]
 
 

@@ -31,6 +31,7 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from . import capture
 from .backends import Upstream
 from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
 from .observe import RequestInfo, request_info
@@ -257,7 +258,7 @@ async def forward(
     if body is not None:
         data: object = body
     elif request.body_exists:
-        data = request.content
+        data = capture.upstream_body(request)  # the client's stream, teed into a capture when on
     else:
         data = None
 
@@ -289,9 +290,10 @@ async def forward(
             headers=end_to_end_headers(upstream_response.headers),
         )
         read = upstream_response.content.readany
-        write = response.write
         try:
             await response.prepare(request)
+            # Bound after prepare: payload capture may wrap write() while preparing.
+            write = response.write
             # The hot path: one read, one write per chunk as it arrives.
             while chunk := await _read_upstream(read):
                 await write(chunk)

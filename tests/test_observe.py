@@ -12,10 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-import aiohttp
+import attrs
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from aiohttp import web
 
 from aistack_core import ModelCard, hookimpl
 from aistack_core.access_log import AccessLog
@@ -74,6 +74,8 @@ async def admin_metrics(client) -> dict:
 
 
 async def prometheus_samples(client) -> dict[tuple[str, frozenset], float]:
+    from prometheus_client.parser import text_string_to_metric_families  # the optional `observe` extra
+
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
@@ -231,6 +233,8 @@ async def test_access_log_lines_carry_request_fields(make_client, tmp_path):
                                  headers={"X-Request-ID": "trace-asr-1", "Authorization": "Bearer not-logged"})
     assert response.status == 200
     assert (await client.get("/nowhere", headers={"X-Request-ID": "trace-404"})).status == 404
+    probe = await client.get("/health", headers={"X-Request-ID": "probe"})
+    assert probe.headers["X-Request-ID"] == "probe"
     await flush(client, "trace-asr-1", "trace-404")
     path = tmp_path / "logs" / f"access-{utc_today()}.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -246,6 +250,7 @@ async def test_access_log_lines_carry_request_fields(make_client, tmp_path):
     missing = by_id["trace-404"]
     assert (missing["status"], missing["class"], missing["capability"]) == (404, "4xx", "gateway")
     assert "not-logged" not in path.read_text()
+    assert "probe" not in by_id  # liveness probes are not logged
 
 
 async def test_blocked_log_disk_never_stalls_requests(make_client, tmp_path):
@@ -259,7 +264,7 @@ async def test_blocked_log_disk_never_stalls_requests(make_client, tmp_path):
     slowest = 0.0
     for _ in range(100):
         before = time.monotonic()
-        assert (await client.get("/health")).status == 200
+        assert (await client.get("/v1/models")).status == 200
         slowest = max(slowest, time.monotonic() - before)
     assert slowest < 0.5 and time.monotonic() - started < 5
     assert access_log.written == 0  # the writer thread is stuck in open()
@@ -270,7 +275,7 @@ async def test_blocked_log_disk_never_stalls_requests(make_client, tmp_path):
     await client.close()  # shutdown writes what was queued
     await asyncio.to_thread(reader.join, 5)
     lines = received[0].decode().splitlines()
-    assert len(lines) == 100 and all(json.loads(line)["path"] == "/health" for line in lines)
+    assert len(lines) == 100 and all(json.loads(line)["path"] == "/v1/models" for line in lines)
     assert access_log.dropped == 0
 
 
@@ -282,7 +287,7 @@ async def test_full_log_disk_loses_records_with_one_warning(make_client, tmp_pat
     for batch in range(3):
         ids = [f"full-{batch}-{number}" for number in range(10)]
         for request_id in ids:
-            assert (await client.get("/health", headers={"X-Request-ID": request_id})).status == 200
+            assert (await client.get("/v1/models", headers={"X-Request-ID": request_id})).status == 200
         await flush(client, *ids)
     access_log = client.app[observability_key].access_log
     assert access_log.failed == 30 and access_log.written == 0
@@ -463,3 +468,102 @@ async def test_json_log_lines_carry_the_request_id(make_client, tmp_path, capsys
                      "message": "plain line"}
     with pytest.raises(ValueError):
         configure_logging("xml")
+
+
+async def test_proxied_stream_is_counted_and_captured(base_config, plugin_set):
+    """Chat through the Ollama emulator: relayed bytes in the metrics, the SSE stream in resp.bin."""
+    import aistack_plugins.ollama
+
+    from aistack_core.app import create_app
+
+    from .upstreams import run_gateway
+    from .upstreams.ollama import OllamaEmulator
+
+    emulator = OllamaEmulator()
+    async with emulator.running():
+        plugin_set.register(aistack_plugins.ollama, name="ollama")
+        config = attrs.evolve(base_config, ollama_url=emulator.url, obs_payload=True)
+        async with run_gateway(create_app(config, plugins=plugin_set)) as client:
+            request_body = json.dumps({"model": "qwen3:4b", "stream": True,
+                                       "messages": [{"role": "user", "content": "Hi"}]}).encode()
+            async with client.post("/v1/chat/completions", data=request_body, headers={
+                "Content-Type": "application/json", "X-Request-ID": "chat-1",
+            }) as response:
+                assert response.status == 200
+                streamed = await response.read()
+            assert streamed.rstrip().endswith(b"data: [DONE]")
+            await flush(client, "chat-1")
+            folder = capture_folder(Path(config.obs_payload_dir).parent, "chat-1")
+            assert (folder / "resp.bin").read_bytes() == streamed
+            sent = json.loads((folder / "req.bin").read_bytes())
+            assert sent["messages"] == [{"role": "user", "content": "Hi"}]
+            meta = json.loads((folder / "meta.json").read_text())
+            assert meta["response"]["content_type"].startswith("text/event-stream")
+            llm = (await admin_metrics(client))["metrics"]["capabilities"]["llm"]["models"]["qwen3:4b"]
+            assert llm["totals"]["by_class"] == {"2xx": 1}
+            assert llm["totals"]["bytes_out"] == len(streamed)  # what the proxy relayed
+            assert llm["totals"]["bytes_in"] == len(request_body)
+
+
+async def test_upstream_body_tees_a_streamed_request(base_config, plugin_set):
+    from aistack_core.app import create_app
+    from aistack_core.capture import upstream_body
+
+    from .upstreams import run_gateway
+
+    async def relay(request):  # stands in for proxy code forwarding the body
+        received = 0
+        async for chunk in upstream_body(request):
+            received += len(chunk)
+        return web.json_response({"received": received})
+
+    app = create_app(attrs.evolve(base_config, obs_payload=True), plugins=plugin_set)
+    app.router.add_post("/relay", relay)
+    parts = [bytes([n]) * 40_000 for n in range(5)]
+
+    async def body():
+        for part in parts:
+            yield part
+
+    async with run_gateway(app) as client:
+        async with client.post("/relay", data=body(), headers={"X-Request-ID": "relay-1"}) as response:
+            assert (await response.json())["received"] == 200_000
+        await flush(client, "relay-1")
+        folder = capture_folder(Path(base_config.obs_payload_dir).parent, "relay-1")
+        assert (folder / "req.bin").read_bytes() == b"".join(parts)
+
+
+async def test_capture_store_stays_under_its_size_limit(make_client, tmp_path):
+    client = await make_client(plugins={"tts": TtsPlugin(SineTts(pieces=40))}, obs_payload=True,
+                               obs_payload_max_mb=1, obs_payload_request_cap_kb=512)
+    ids = [f"big-{n}" for n in range(6)]
+    for request_id in ids:
+        response = await client.post("/v1/audio/speech", headers={"X-Request-ID": request_id}, json={
+            "model": "sine-tts", "input": "Long tone.", "response_format": "wav", "cache": False,
+        })
+        assert len(await response.read()) > 250_000
+    await flush(client, *ids)
+    store = client.app[observability_key].payloads
+    assert store.writer.offer(("sweep", None, None))  # one more pass, on the writer thread as always
+    assert await asyncio.to_thread(store.writer.wait_until_handled, 5.0)
+    day = tmp_path / "payloads" / utc_today()
+    kept = sorted(p.name for p in day.iterdir())
+    total = sum(f.stat().st_size for f in day.rglob("*") if f.is_file())
+    assert total <= 1024 * 1024
+    assert kept == ids[-len(kept):] and 2 <= len(kept) < len(ids)  # the newest survive
+    assert store.swept_folders == len(ids) - len(kept)
+
+
+def test_access_line_is_valid_json_for_awkward_values():
+    outcome = attrs.evolve(
+        _outcome(1), path='/v1/"quoted"\\path', model="modèle\n", provider=None, slot_wait_s=0.25,
+        extras={"audio_sec": 2.0, "stream": True, "note": "ünï", "bad": float("nan"), "nested": {"k": [1, 2]},
+                "status": 999},  # an extra may not overwrite a core field
+    )
+    line = outcome.to_json_line()
+    assert "\n" not in line
+    record = json.loads(line)
+    assert record["path"] == '/v1/"quoted"\\path' and record["model"] == "modèle\n"
+    assert record["status"] == 200 and record["slot_wait_ms"] == 250.0
+    assert record["bad"] is None and record["nested"] == {"k": [1, 2]} and record["note"] == "ünï"
+    assert record["rtf"] == pytest.approx((0.001 - 0.25) / 2.0)  # derived when only audio_sec was given
