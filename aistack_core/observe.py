@@ -56,7 +56,6 @@ from .metrics import (
 log = logging.getLogger("aistack.observe")
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9\-_:.]{1,128}")
-REQUEST_INFO = "aistack.request"  # key on web.Request
 
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("aistack_request_id", default="-")
 
@@ -82,6 +81,9 @@ class RequestInfo:
     # response, so a disconnect after that point can still be answered cleanly.
     headers_sent_at: float | None = None
     prepared_response: web.StreamResponse | None = attrs.field(default=None, repr=False)
+
+
+REQUEST_INFO = web.RequestKey("aistack.request", RequestInfo)
 
 
 def request_info(request: web.Request) -> RequestInfo:
