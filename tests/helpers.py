@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
 import threading
 import time
@@ -130,3 +131,13 @@ class BackendPlugin:
 def tone_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> Path:
     t = np.arange(int(seconds * rate)) / rate
     return write_wav(path, (0.3 * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16), rate)
+
+
+async def sse_events(response) -> list[dict]:
+    """The JSON payloads of an SSE response's ``data:`` lines, read to the end."""
+    events = []
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line.startswith("data:"):
+            events.append(json.loads(line[5:]))
+    return events

@@ -18,7 +18,7 @@ from aistack_core.app import create_app
 from aistack_core.context import model_cache_key, slot_key
 
 from .upstreams import serve
-from .helpers import SENTENCES, BackendPlugin, SlowAsr, synthesize_pcm, tone_wav, word_error_rate, write_wav
+from .helpers import sse_events, SENTENCES, BackendPlugin, SlowAsr, synthesize_pcm, tone_wav, word_error_rate, write_wav
 from .test_core import assert_envelope, form
 
 WHISPER = {"faster_whisper": faster_whisper_plugin}
@@ -31,15 +31,6 @@ async def whisper_client(make_client):
 
 def openai_client(client) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=f"http://{client.server.host}:{client.server.port}/v1", api_key="unused", max_retries=0)
-
-
-async def sse_events(response) -> list[dict]:
-    events = []
-    async for raw in response.content:
-        line = raw.decode().strip()
-        if line.startswith("data:"):
-            events.append(json.loads(line[5:]))
-    return events
 
 
 async def test_word_error_rate_on_synthesized_sentences(whisper_client, sentences_wav):

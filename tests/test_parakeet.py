@@ -31,7 +31,7 @@ from aistack_core.registry import Registry  # noqa: E402
 from aistack_core.segments import sentence_segments, subtitle_cues  # noqa: E402
 
 from .fixtures.tiny_parakeet import PHRASE, build_tiny_parakeet, expected_words  # noqa: E402
-from .helpers import BackendPlugin, write_wav  # noqa: E402
+from .helpers import sse_events, BackendPlugin, write_wav  # noqa: E402
 from .test_core import assert_envelope, form  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,15 +231,6 @@ def test_long_audio_is_decoded_window_by_window_and_stops_when_cancelled(tiny_ne
 @pytest.fixture
 async def client(make_client, tiny_nemo):
     return await make_client(plugins={"parakeet": parakeet}, parakeet_model=str(tiny_nemo))
-
-
-async def sse_events(response) -> list[dict]:
-    events = []
-    async for raw in response.content:
-        line = raw.decode().strip()
-        if line.startswith("data:"):
-            events.append(json.loads(line[5:]))
-    return events
 
 
 async def test_every_response_format(client, pieces, tmp_path):

@@ -29,7 +29,7 @@ from aistack_core.plugins import load_plugins  # noqa: E402
 from aistack_core.registry import Registry  # noqa: E402
 
 from .fixtures.tiny_sensevoice import HELLO_HZ, WORLD_HZ, build_tiny_sensevoice, silence, tone  # noqa: E402
-from .helpers import write_wav  # noqa: E402
+from .helpers import sse_events, write_wav  # noqa: E402
 from .test_core import assert_envelope, form  # noqa: E402
 
 MODEL_ID = "iic/SenseVoiceSmall"
@@ -206,15 +206,6 @@ async def client(make_client, tiny):
     return await make_client(
         plugins={"sensevoice": sensevoice}, sensevoice_model=str(tiny.model_dir), sensevoice_vad_model=str(tiny.vad_dir)
     )
-
-
-async def sse_events(response) -> list[dict]:
-    events = []
-    async for raw in response.content:
-        line = raw.decode().strip()
-        if line.startswith("data:"):
-            events.append(json.loads(line[5:]))
-    return events
 
 
 async def test_every_response_format(client, two_stretches):
