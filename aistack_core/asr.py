@@ -408,9 +408,9 @@ async def transcribe(request: web.Request) -> web.StreamResponse:
         info.extras["audio_sec"] = round(audio.duration, 3)
         async with app[slot_key].acquire_or_busy("asr", card.id, info.request_id) as waited:
             info.slot_wait_s = waited
-            started = time.monotonic()
             async with cancel_on_disconnect(request) as cancel:
                 async with app[model_cache_key].use(card.id, "asr", entry.backend.load) as model:
+                    started = time.monotonic()  # real-time factor of inference, model load excluded
                     try:
                         if parsed.stream:
                             response = await _respond_stream(request, entry, model, audio, parsed, cancel)

@@ -236,9 +236,9 @@ async def _serve_in_process(request: web.Request, speech: SpeechRequest) -> web.
 
     async with app[slot_key].acquire_or_busy("tts", card.id, info.request_id) as waited:
         info.slot_wait_s = waited
-        started = time.monotonic()
         async with cancel_on_disconnect(request) as cancel:
             async with app[model_cache_key].use(card.id, "tts", speech.entry.backend.load) as model:
+                started = time.monotonic()  # real-time factor of inference, model load excluded
                 if speech.stream:
                     response, body, samples = await _stream(request, speech, model, cancel, content_type, headers)
                 else:
