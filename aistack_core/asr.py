@@ -21,6 +21,7 @@ import attrs
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from . import capture
 from .audio import DecodedAudio
 from .backends import CancelToken, Segment, Transcription, TranscriptionOptions
 from .config import Config
@@ -68,7 +69,7 @@ def _parse_bool(name: str, value: str) -> bool:
     raise Malformed(f"Field {name!r} must be true or false, got {value!r}.")
 
 
-async def _save_upload(part, directory: Path, limit_bytes: int) -> Path:
+async def _save_upload(request: web.Request, part, directory: Path, limit_bytes: int) -> Path:
     suffix = Path(part.filename or "").suffix[:16]
     handle, name = tempfile.mkstemp(prefix="aistack-upload-", suffix=suffix, dir=directory)
     path = Path(name)
@@ -82,6 +83,7 @@ async def _save_upload(part, directory: Path, limit_bytes: int) -> Path:
                         f"The uploaded file is larger than the {limit_bytes // (1024 * 1024)} MB limit "
                         f"(AISTACK_MAX_UPLOAD_MB). Split the audio or compress it."
                     )
+                capture.tee_request_body(request, chunk)  # a no-op unless payload capture is on
                 await asyncio.to_thread(out.write, chunk)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -111,7 +113,7 @@ async def parse_request(request: web.Request, config: Config) -> TranscriptionRe
                 if parsed.upload is not None:
                     raise Malformed("Send exactly one 'file' field.")
                 parsed.filename = part.filename
-                parsed.upload = await _save_upload(part, config.upload_dir, limit)
+                parsed.upload = await _save_upload(request, part, config.upload_dir, limit)
                 continue
             raw = await part.read(decode=True)
             if len(raw) > MAX_FIELD_BYTES:

@@ -567,3 +567,17 @@ def test_access_line_is_valid_json_for_awkward_values():
     assert record["status"] == 200 and record["slot_wait_ms"] == 250.0
     assert record["bad"] is None and record["nested"] == {"k": [1, 2]} and record["note"] == "ünï"
     assert record["rtf"] == pytest.approx((0.001 - 0.25) / 2.0)  # derived when only audio_sec was given
+
+
+async def test_capture_keeps_an_uploaded_audio_file(make_client, tmp_path):
+    from .helpers import BackendPlugin, SlowAsr, tone_wav
+    from .test_core import form
+
+    wav = tone_wav(tmp_path / "tone.wav")
+    client = await make_client(plugins={"slow": BackendPlugin(SlowAsr(steps=1, step_s=0.01))}, obs_payload=True)
+    response = await client.post("/v1/audio/transcriptions", data=form(wav, model="slow-asr"),
+                                 headers={"X-Request-ID": "cap-asr"})
+    assert response.status == 200
+    await flush(client, "cap-asr")
+    captured = (capture_folder(tmp_path, "cap-asr") / "req.bin").read_bytes()
+    assert wav.read_bytes() in captured  # the multipart body, file part included
