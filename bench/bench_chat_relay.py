@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,45 +28,10 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _relay import start_emulator_and_gateway, wait_ready  # noqa: E402
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_processes(state_dir: str) -> tuple[subprocess.Popen, subprocess.Popen, str, str]:
-    upstream_port, gateway_port = free_port(), free_port()
-    emulator = subprocess.Popen([sys.executable, "-m", "tests.upstreams.ollama", "--port", str(upstream_port)], cwd=ROOT)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "AISTACK_PORT": str(gateway_port),
-        "AISTACK_LOAD_PLUGINS": "ollama",
-        "AISTACK_OLLAMA_URL": f"http://127.0.0.1:{upstream_port}",
-        "AISTACK_OBS_LOG_DIR": state_dir,
-        "AISTACK_TTS_CACHE_DIR": state_dir,
-    }
-    log = open(Path(state_dir) / "gateway.log", "w")
-    gateway = subprocess.Popen([sys.executable, "-m", "aistack_core", "serve"], cwd=ROOT, env=env, stderr=log)
-    return emulator, gateway, f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
 
 
 async def stream(session: aiohttp.ClientSession, base: str, tokens: int, fault: str) -> tuple[list[float], int, float, int]:
@@ -91,7 +54,9 @@ async def stream(session: aiohttp.ClientSession, base: str, tokens: int, fault: 
 
 async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as state_dir:
-        emulator, gateway_process, direct, gateway = start_processes(state_dir)
+        emulator, gateway_process, direct, gateway = start_emulator_and_gateway(
+            "tests.upstreams.ollama", "ollama", "AISTACK_OLLAMA_URL", state_dir
+        )
         try:
             async with aiohttp.ClientSession() as session:
                 await wait_ready(session, direct + "/")

@@ -23,9 +23,7 @@ import asyncio
 import json
 import os
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,16 +31,11 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _relay import start_emulator_and_gateway, wait_ready  # noqa: E402
 MODEL = "qwen3-tts-12hz-0.6b-customvoice"
 BYTES_PER_AUDIO_SECOND = 48000
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -60,38 +53,6 @@ def cpu_seconds(pid: int) -> float:
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def start_processes(state_dir: str) -> tuple[subprocess.Popen, subprocess.Popen, str, str]:
-    upstream_port, gateway_port = free_port(), free_port()
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "tests.upstreams.vllm_omni", "--port", str(upstream_port)], cwd=ROOT
-    )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "AISTACK_PORT": str(gateway_port),
-        "AISTACK_LOAD_PLUGINS": "qwen3_tts",
-        "AISTACK_QWEN3_TTS_URL": f"http://127.0.0.1:{upstream_port}",
-        "AISTACK_OBS_LOG_DIR": state_dir,
-        "AISTACK_TTS_CACHE_DIR": state_dir,
-    }
-    log = open(Path(state_dir) / "gateway.log", "w")
-    gateway = subprocess.Popen([sys.executable, "-m", "aistack_core", "serve"], cwd=ROOT, env=env, stderr=log)
-    return emulator, gateway, f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def speech_request(text: str, fault: str = "") -> dict:
@@ -145,7 +106,9 @@ async def slow_reader_rss(session: aiohttp.ClientSession, gateway: str, gateway_
 
 async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as state_dir:
-        emulator, gateway_process, direct, gateway = start_processes(state_dir)
+        emulator, gateway_process, direct, gateway = start_emulator_and_gateway(
+            "tests.upstreams.vllm_omni", "qwen3_tts", "AISTACK_QWEN3_TTS_URL", state_dir
+        )
         try:
             timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
             async with aiohttp.ClientSession(timeout=timeout) as session:
