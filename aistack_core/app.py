@@ -9,7 +9,7 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import asr, health, llm, models, tts
+from . import security
 from .config import Config
 from .context import (
     config_key,
@@ -21,15 +21,18 @@ from .context import (
 )
 from .errors import error_middleware
 from .model_cache import ModelCache
-from . import observe
+from .observe import middleware as observe
 from .plugins import PluginSet, load_plugins
 from .registry import Registry
+from .routes import audio_proxy, chat, health, metrics, models, speech, transcriptions
 from .slot import GpuSlot
+from .upstreams import UpstreamProbes, probes_key
 
 log = logging.getLogger("aistack.app")
 
-# JSON bodies (TTS, chat) are read whole; uploads are streamed and capped separately.
-MAX_JSON_BODY = 64 * 1024 * 1024
+# Route families in the order their routes are matched: the catch-all
+# /v1/audio/{tail} proxy comes after the /v1/audio routes served here.
+ROUTE_FAMILIES = (health, models, metrics, transcriptions, speech, chat, audio_proxy)
 
 
 async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:
@@ -79,19 +82,27 @@ def create_app(config: Config | None = None, *, plugins: PluginSet | None = None
         plugins = load_plugins(load_entrypoints=True, allow=config.load_plugins)
     registry = Registry.from_plugins(plugins, config)
 
+    cors = security.CorsPolicy(config.cors_allow_origins) if config.cors_allow_origins else None
+    # Outside in: request id and recording, the envelope, then (inside the
+    # envelope, so their refusals are envelopes too) CORS preflights and the key.
     app = web.Application(
-        middlewares=[*observe.middlewares(config), error_middleware, *observe.inner_middlewares(config)],
-        client_max_size=MAX_JSON_BODY,
+        middlewares=[observe.observe_middleware, error_middleware, *security.middlewares(config, cors)],
+        # Bodies are read by forms.py, which sets each route's own limit.
+        client_max_size=1 << 40,
     )
     app[config_key] = config
     app[plugins_key] = plugins
     app[registry_key] = registry
     app[slot_key] = GpuSlot(wait_s=config.slot_wait_s)
     app[model_cache_key] = ModelCache(keep_alive_s=config.model_keep_alive_s, min_free_mb=config.min_free_ram_mb)
+    app[probes_key] = UpstreamProbes(timeout_s=config.probe_timeout_s, cache_s=config.probe_cache_s)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(_model_cache_sweeper)
 
-    observe.setup(app)
-    for capability in (health, models, asr, tts, llm):
-        capability.setup(app)
+    observe.setup(app, config)
+    if cors is not None:
+        app.on_response_prepare.append(cors.add_headers)
+    observe.capture_signal(app)  # last: the capture sees the final headers
+    for family in ROUTE_FAMILIES:
+        family.setup(app)
     return app

@@ -92,13 +92,19 @@ class Word:
 
 @attrs.frozen
 class Segment:
-    """One decoded stretch of speech.  Optional scores follow OpenAI's verbose_json."""
+    """One decoded stretch of speech.  Optional scores follow OpenAI's verbose_json.
+
+    ``seek`` and ``tokens`` are Whisper's (the window offset in 10 ms frames
+    and the token ids); other backends leave them unset.
+    """
 
     id: int
     start: float
     end: float
     text: str
     words: tuple[Word, ...] = ()
+    seek: int | None = None
+    tokens: tuple[int, ...] = ()
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
     compression_ratio: float | None = None
@@ -212,7 +218,9 @@ class Upstream:
     ``timeout_status`` is what a read timeout before the answer's headers
     becomes: 504 for an upstream that is merely slow to answer, 502 where
     the upstream's own contract treats every transport failure as a bad
-    gateway (Qwen3-TTS).
+    gateway (Qwen3-TTS).  ``headers`` are added to every request sent
+    upstream; ``uses_local_gpu`` says whether its work runs on this machine's
+    GPUs (and so takes the slot).
     """
 
     name: str
@@ -227,3 +235,8 @@ class Upstream:
     rewrite_json: JsonRewrite | None = None
     evict_before: tuple[str, ...] = ()
     timeout_status: int = 504
+    # Headers the upstream itself needs (its own API key, from the plugin's
+    # settings); the client's credentials for the gateway are never forwarded.
+    headers: tuple[tuple[str, str], ...] = ()
+    # False for an engine on another machine: its work does not take a local GPU slot.
+    uses_local_gpu: bool = True

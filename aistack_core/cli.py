@@ -11,19 +11,63 @@ import sys
 import attrs
 from aiohttp import web
 
-from . import __version__, observe
+from . import __version__
 from .config import Config
+from .observe.record import current_request_id, iso_utc
 from .plugins import load_plugins
 from .registry import Registry
+from .security import warn_if_exposed
 
 log = logging.getLogger("aistack")
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds ``request_id`` to every log record so formatters can show it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get()
+        return True
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, request_id, message (and exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict = {
+            "ts": iso_utc(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=True, default=str)
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Root logging for ``aistack serve``: text or one JSON object per line."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdLogFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 def _serve(args: argparse.Namespace) -> int:
     config = Config.from_env()
     overrides = {name: value for name in ("host", "port", "log_format") if (value := getattr(args, name)) is not None}
     config = attrs.evolve(config, **overrides)
-    observe.configure_logging(config.log_format)
+    configure_logging(config.log_format)
     from .app import create_app  # imported late so `aistack plugins` stays light
 
     plugins = load_plugins(load_entrypoints=True, allow=config.load_plugins)
@@ -33,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("plugin %s loaded: %s", record.name, ", ".join(record.registered) or "nothing registered")
         else:
             log.warning("plugin %s %s: %s", record.name, record.status, record.error)
-    observe.warn_if_exposed(config)
+    warn_if_exposed(config)
     log.info("aistack %s listening on http://%s:%d", __version__, config.host, config.port)
     # run_app turns SIGINT/SIGTERM into a clean shutdown that runs every cleanup_ctx.
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)

@@ -95,6 +95,9 @@ class Config:
     obs_payload_request_cap_kb: int = 4096
     obs_metrics_window_min: float = 60.0
     cors_allow_origins: tuple[str, ...] = ()
+    # WebSocket sessions: ping interval, and how long one may go without a message either way
+    ws_heartbeat_s: float = 20.0
+    ws_idle_timeout_s: float = 300.0
     api_key: str | None = attrs.field(default=None, repr=False)
     # Everything, for plugins' own settings
     env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
@@ -152,6 +155,8 @@ class Config:
             "OBS_PAYLOAD_REQUEST_CAP_KB": ("obs_payload_request_cap_kb", int),
             "OBS_METRICS_WINDOW_MIN": ("obs_metrics_window_min", float),
             "API_KEY": ("api_key", str),
+            "WS_HEARTBEAT_S": ("ws_heartbeat_s", float),
+            "WS_IDLE_TIMEOUT_S": ("ws_idle_timeout_s", float),
         }
         for var, (field, convert) in simple.items():
             value = get(var)

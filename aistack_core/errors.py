@@ -7,6 +7,11 @@ part of the public contract (integration guide, section 8)::
     malformed 400 · overflow 413 · cancelled 499 · network 503 · unknown 500
 
 The proxies also need 502 and 504, which keep the ``network`` kind.
+
+Each error also carries OpenAI's ``type``, ``code`` and ``param`` (additive:
+OpenAI clients read them as ``e.code``): ``type`` follows from the class,
+``code`` is a stable string per error the gateway makes, ``param`` the
+request field at fault or None.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import logging
 from typing import ClassVar, Mapping
 
 from aiohttp import web
+
+from .observe.record import REQUEST_INFO
 
 log = logging.getLogger("aistack.errors")
 
@@ -26,6 +33,8 @@ class AistackError(Exception):
 
     kind: ClassVar[str] = "unknown"
     status: ClassVar[int] = 500
+    openai_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str] = "internal_error"
 
     def __init__(
         self,
@@ -34,6 +43,8 @@ class AistackError(Exception):
         provider: str = "aistack",
         status: int | None = None,
         headers: Mapping[str, str] | None = None,
+        code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -41,9 +52,14 @@ class AistackError(Exception):
         if status is not None:
             self.status = status
         self.headers = dict(headers or {})
+        self.code = code or self.default_code
+        self.param = param
 
     def envelope(self) -> dict:
-        return {"error": {"kind": self.kind, "provider": self.provider, "message": self.message}}
+        return {"error": {
+            "kind": self.kind, "provider": self.provider, "message": self.message,
+            "type": self.openai_type, "code": self.code, "param": self.param,
+        }}
 
     def to_response(self) -> web.Response:
         return web.json_response(self.envelope(), status=self.status, headers=self.headers)
@@ -54,12 +70,16 @@ class Malformed(AistackError):
 
     kind = "malformed"
     status = 400
+    openai_type = "invalid_request_error"
+    default_code = "invalid_request"
 
 
 class Unauthorized(Malformed):
     """Missing or wrong API key (401; the contract has no separate kind)."""
 
     status = 401
+    openai_type = "authentication_error"
+    default_code = "invalid_api_key"
 
 
 class Overflow(AistackError):
@@ -67,6 +87,8 @@ class Overflow(AistackError):
 
     kind = "overflow"
     status = 413
+    openai_type = "invalid_request_error"
+    default_code = "request_too_large"
 
 
 class Cancelled(AistackError):
@@ -74,6 +96,8 @@ class Cancelled(AistackError):
 
     kind = "cancelled"
     status = 499
+    openai_type = "invalid_request_error"
+    default_code = "client_cancelled"
 
 
 class Network(AistackError):
@@ -81,10 +105,14 @@ class Network(AistackError):
 
     kind = "network"
     status = 503
+    openai_type = "server_error"
+    default_code = "upstream_unreachable"
 
 
 class Busy(Network):
     """The GPU slot is taken; the client should retry after ``Retry-After``."""
+
+    default_code = "gpu_busy"
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
@@ -94,12 +122,14 @@ class BadGateway(Network):
     """An upstream answered with something that is not usable HTTP (502)."""
 
     status = 502
+    default_code = "bad_gateway"
 
 
 class GatewayTimeout(Network):
     """An upstream did not answer in time (504)."""
 
     status = 504
+    default_code = "upstream_timeout"
 
 
 class Unknown(AistackError):
@@ -125,17 +155,31 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Aistac
     return error
 
 
+def _abort_started(request: web.Request, prepared: web.StreamResponse) -> web.StreamResponse:
+    """A failure after the headers went out: close the connection so the client
+    sees a truncated transfer, never a second response or a body that looks complete."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return prepared
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Turn every exception into the envelope, unless the response already started.
 
-    A streamed response whose headers are out cannot change status; the
-    capability that streams reports failures in-band (an SSE ``error``
-    event) and the exception is only logged here.
+    Once a response's headers are out its status cannot change: the
+    connection is aborted instead (a streaming route that can say so
+    in-band, as an SSE ``error`` event, does that before raising).
     """
     try:
         return await handler(request)
     except AistackError as exc:
+        prepared = _started_response(request)
+        if prepared is not None:
+            if exc.kind != "cancelled":
+                log.warning("%s %s failed after its answer started: %s", request.method, request.path, exc.message)
+            return _abort_started(request, prepared)
         return exc.to_response()
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -144,9 +188,21 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except (ConnectionResetError, ConnectionAbortedError):
         # The client hung up (e.g. mid-upload): nobody will read this answer, but
         # returning it keeps a routine disconnect out of the error log.
+        prepared = _started_response(request)
+        if prepared is not None:
+            return _abort_started(request, prepared)
         return Cancelled("The client closed the connection before the request finished.").to_response()
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
+        prepared = _started_response(request)
+        if prepared is not None:
+            return _abort_started(request, prepared)
         return Unknown(
             "Internal error in aistack; the server log has the details (search it for this request's X-Request-ID)."
         ).to_response()
+
+
+def _started_response(request: web.Request) -> web.StreamResponse | None:
+    info = request.get(REQUEST_INFO)
+    response = info.prepared_response if info is not None else None
+    return response if response is not None and response.prepared else None

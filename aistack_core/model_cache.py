@@ -21,9 +21,13 @@ import attrs
 log = logging.getLogger("aistack.model_cache")
 
 
+# (capability, model id): ids are unique only within a capability.
+ModelKey = tuple[str, str]
+
+
 @attrs.define
 class CachedModel:
-    key: str
+    key: ModelKey
     category: str
     model: Any
     loaded_at: float
@@ -70,8 +74,8 @@ class ModelCache:
         self.keep_alive_s = keep_alive_s
         self.min_free_mb = min_free_mb
         self._free_memory = free_memory
-        self._models: dict[str, CachedModel] = {}
-        self._loading: dict[str, asyncio.Lock] = {}
+        self._models: dict[ModelKey, CachedModel] = {}
+        self._loading: dict[ModelKey, asyncio.Lock] = {}
         self.loads = 0
         self.evictions = 0
 
@@ -79,7 +83,9 @@ class ModelCache:
         now = time.monotonic()
         return [
             {
-                "key": m.key,
+                "key": f"{m.key[0]}:{m.key[1]}",
+                "capability": m.key[0],
+                "model": m.key[1],
                 "category": m.category,
                 "in_use": m.in_use,
                 "idle_s": round(now - m.last_used, 1),
@@ -88,11 +94,11 @@ class ModelCache:
             for m in self._models.values()
         ]
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: ModelKey) -> bool:
         return key in self._models
 
     @contextlib.asynccontextmanager
-    async def use(self, key: str, category: str, loader: Callable[[], Any]) -> AsyncIterator[Any]:
+    async def use(self, key: ModelKey, category: str, loader: Callable[[], Any]) -> AsyncIterator[Any]:
         """Yield the loaded model for ``key``, loading it in a thread if needed.
 
         While inside the ``async with`` the model is pinned: eviction skips it.
@@ -105,7 +111,7 @@ class ModelCache:
             entry.in_use -= 1
             entry.last_used = time.monotonic()
 
-    async def _get(self, key: str, category: str, loader: Callable[[], Any]) -> CachedModel:
+    async def _get(self, key: ModelKey, category: str, loader: Callable[[], Any]) -> CachedModel:
         entry = self._models.get(key)
         if entry is not None:
             entry.last_used = time.monotonic()
@@ -122,14 +128,14 @@ class ModelCache:
             entry = CachedModel(key, category, model, now, now, now - started)
             self._models[key] = entry
             self.loads += 1
-            log.info("loaded model %s (%s) in %.2f s", key, category, now - started)
+            log.info("loaded model %s:%s in %.2f s", key[0], key[1], now - started)
             return entry
 
-    def _drop(self, keys: list[str], why: str) -> list[str]:
+    def _drop(self, keys: list[ModelKey], why: str) -> list[ModelKey]:
         for key in keys:
             self._models.pop(key, None)
             self.evictions += 1
-            log.info("evicted model %s (%s)", key, why)
+            log.info("evicted model %s:%s (%s)", key[0], key[1], why)
         if keys:
             release_accelerator_memory()
         return keys

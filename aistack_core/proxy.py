@@ -14,9 +14,14 @@ What the proxy adds is only what a gateway must own:
 * error mapping into the envelope for failures *of the trip* (nothing
   listening, reset, timeout, an answer that is not HTTP).  The upstream's
   own HTTP errors are answers, and pass through untouched;
-* client disconnect: aiohttp does not cancel a handler when its client
-  goes away, so a watcher notices and stops the upstream call at once,
-  which frees the GPU slot and lets the upstream abort its generation.
+* credentials and browser policy: the gateway's own key never travels
+  upstream (an upstream that needs a key gets its own from its plugin), and
+  the upstream's CORS and cookie headers never reach the client — the
+  gateway's CORS policy alone speaks to browsers;
+* client disconnect: :func:`relay` runs the trip inside the inference
+  context, whose watcher cancels the upstream call as soon as the client
+  goes away, which frees the GPU slot and lets the upstream abort its
+  generation.
 """
 
 from __future__ import annotations
@@ -24,18 +29,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Iterable, Mapping
+import urllib.parse
+from typing import Any, Callable, Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from . import capture
 from .backends import Upstream
+from .context import config_key, upstream_sessions_key
 from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
-from .observe import RequestInfo, request_info
-from .streaming import DISCONNECT_POLL_S, client_gone
+from .forms import send_continue
+from .inference import client_gone, inference
+from .observe.capture import upstream_body
+from .observe.record import RequestInfo, request_info
 
 log = logging.getLogger("aistack.proxy")
 
@@ -84,6 +92,37 @@ def end_to_end_headers(headers: MultiMapping[str], also_drop: Iterable[str] = ()
             continue
         kept.add(name, value)
     return kept
+
+
+# The upstream speaks to us, not to the client's browser: the gateway's own CORS
+# policy decides what a page may read, and the gateway sets no cookies.
+_UPSTREAM_ONLY_RESPONSE_HEADERS = frozenset({"set-cookie", "set-cookie2"})
+
+
+def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
+    kept = end_to_end_headers(headers, _UPSTREAM_ONLY_RESPONSE_HEADERS)
+    for name in [name for name in kept if name.lower().startswith("access-control-")]:
+        kept.popall(name, None)
+    return kept
+
+
+def _without_gateway_credentials(request: web.Request, headers: CIMultiDict[str], upstream: Upstream) -> None:
+    """Drop the client's credentials for the gateway; add the upstream's own."""
+    headers.popall("Authorization", None)
+    headers.popall("X-Api-Key", None)
+    headers.popall("Cookie", None)
+    for name, value in upstream.headers:
+        headers[name] = value
+
+
+def _target_without_key(target: str, request: web.Request) -> str:
+    """The gateway key, if a client put it in the query string, stays here too."""
+    key = request.app[config_key].api_key
+    path, question, query = target.partition("?")
+    if not key or not question:
+        return target
+    kept = [pair for pair in query.split("&") if urllib.parse.unquote_plus(pair.partition("=")[2]) != key]
+    return path + ("?" + "&".join(kept) if kept else "")
 
 
 def _request_only(request: web.Request, replacing_body: bool) -> frozenset[str]:
@@ -142,43 +181,6 @@ def checked_target(raw_target: str, upstream: Upstream) -> str:
 def upstream_url(upstream: Upstream, target: str) -> URL:
     # encoded=True: the target is already in wire form and must not be re-quoted.
     return URL(upstream.base_url.rstrip("/") + target, encoded=True)
-
-
-# --- client disconnect ----------------------------------------------------------
-
-
-class _ClientWatch:
-    """Cancels the handler's task when its client goes away.
-
-    aiohttp leaves a handler running after its client disconnects; a write
-    would notice, but a proxy spends most of its time waiting on the
-    upstream (cold start, generation between chunks), so we poll the
-    transport.  The cancellation is caught in :func:`forward`, which turns
-    it into a normal exit: the upstream connection is closed and the
-    caller's ``async with slot`` releases.
-    """
-
-    def __init__(self, request: web.Request, interval_s: float = DISCONNECT_POLL_S) -> None:
-        self._request = request
-        self._interval_s = interval_s
-        self._handler = asyncio.current_task()
-        self.client_left = False
-        self._task = asyncio.create_task(self._watch())
-
-    def client_is_gone(self) -> bool:
-        return client_gone(self._request)
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            if self.client_is_gone():
-                self.client_left = True
-                if self._handler is not None:
-                    self._handler.cancel()
-                return
-
-    def stop(self) -> None:
-        self._task.cancel()
 
 
 # --- HTTP -----------------------------------------------------------------------
@@ -253,16 +255,17 @@ async def forward(
     way the upstream connection is closed and the caller's slot released.
     """
     info = request_info(request)
-    target = checked_target(path if path is not None else request.raw_path, upstream)
+    target = _target_without_key(checked_target(path if path is not None else request.raw_path, upstream), request)
     headers = end_to_end_headers(request.headers, _request_only(request, body is not None))
+    _without_gateway_credentials(request, headers, upstream)
     if body is not None:
         data: object = body
     elif request.body_exists:
-        data = capture.upstream_body(request)  # the client's stream, teed into a capture when on
+        send_continue(request)  # the checks passed: now the client may send the body
+        data = upstream_body(request)  # the client's stream, teed into a capture when on
     else:
         data = None
 
-    watch = _ClientWatch(request)
     upstream_response: aiohttp.ClientResponse | None = None
     response: web.StreamResponse | None = None
     relayed = 0
@@ -278,8 +281,13 @@ async def forward(
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            if watch.client_left or watch.client_is_gone():
+            if client_gone(request):
                 raise _note_client_left(info, "while sending the request upstream") from None
+            if request.content.exception() is not None:  # the client's body broke, not the upstream
+                raise Malformed(
+                    f"The request body could not be read to forward it ({type(exc).__name__}).",
+                    code="invalid_body",
+                ) from None
             error = _trip_error(exc, upstream)
             log.warning("%s %s -> %s failed: %s", request.method, target, upstream.name, error.message)
             raise error from None
@@ -287,7 +295,7 @@ async def forward(
         response = web.StreamResponse(
             status=upstream_response.status,
             reason=upstream_response.reason,
-            headers=end_to_end_headers(upstream_response.headers),
+            headers=response_headers(upstream_response.headers),
         )
         read = upstream_response.content.readany
         try:
@@ -307,24 +315,13 @@ async def forward(
                 "%s %s: %s failed after %d bytes were relayed (%s); closing the client connection",
                 request.method, target, upstream.name, relayed, broke.reason,
             )
-            info.extras["upstream_error"] = broke.reason
+            info.upstream_error = broke.reason
             _abort_client(request)
             return response
         finished = True
         return response
-    except asyncio.CancelledError:
-        if not watch.client_left:
-            raise  # a real cancellation (shutdown): not ours to swallow
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        if response is not None and response.prepared:
-            _note_client_left(info, f"after {relayed} bytes")
-            return response
-        raise _note_client_left(info, "before the upstream answered") from None
     finally:
-        watch.stop()
-        info.extras["bytes_out"] = relayed
+        info.bytes_out = relayed
         if upstream_response is not None:
             if finished:
                 upstream_response.release()  # body fully read: the connection may be reused
@@ -350,7 +347,7 @@ def _sendable(code: int | None, fallback: int) -> int:
     return code
 
 
-async def _pump(source, sink, counter: list[int] | None = None) -> None:
+async def _pump(source, sink, activity: "_Activity", counter: list[int] | None = None) -> None:
     """Copy text and binary messages from ``source`` to ``sink`` until ``source`` closes."""
     async for message in source:
         try:
@@ -364,8 +361,28 @@ async def _pump(source, sink, counter: list[int] | None = None) -> None:
                 break
         except ConnectionError:
             break
+        activity.touch()
         if counter is not None:
             counter[0] += size
+
+
+class _Activity:
+    """When a message last went either way, for the idle limit."""
+
+    def __init__(self) -> None:
+        self.last = asyncio.get_running_loop().time()
+
+    def touch(self) -> None:
+        self.last = asyncio.get_running_loop().time()
+
+    async def wait_idle(self, limit_s: float) -> None:
+        """Return once nothing has moved for ``limit_s`` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = self.last + limit_s - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(remaining)
 
 
 async def forward_websocket(
@@ -380,11 +397,16 @@ async def forward_websocket(
     The upstream is connected first, so an unreachable upstream is still a
     plain HTTP 503 envelope (the client's upgrade is never accepted).
     Messages flow both ways unchanged; when one side closes, the other is
-    closed with the same code.
+    closed with the same code.  The client is pinged (``AISTACK_WS_HEARTBEAT_S``):
+    a peer that stops answering is closed, and so is a session in which no
+    message went either way for ``AISTACK_WS_IDLE_TIMEOUT_S`` — either way
+    the slot the session holds is freed.
     """
     info = request_info(request)
-    target = checked_target(path if path is not None else request.raw_path, upstream)
+    config = request.app[config_key]
+    target = _target_without_key(checked_target(path if path is not None else request.raw_path, upstream), request)
     headers = end_to_end_headers(request.headers, _REQUEST_ONLY | _WEBSOCKET_HANDSHAKE | {"content-length"})
+    _without_gateway_credentials(request, headers, upstream)
     protocols = [
         token.strip() for token in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if token.strip()
     ]
@@ -394,6 +416,7 @@ async def forward_websocket(
             headers=headers,
             protocols=protocols,
             max_msg_size=WEBSOCKET_MAX_MESSAGE,
+            heartbeat=config.ws_heartbeat_s or None,
         )
     except aiohttp.WSServerHandshakeError as exc:
         raise BadGateway(
@@ -410,14 +433,22 @@ async def forward_websocket(
     client_ws = web.WebSocketResponse(
         protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
         max_msg_size=WEBSOCKET_MAX_MESSAGE,
+        heartbeat=config.ws_heartbeat_s or None,
     )
     try:
         await client_ws.prepare(request)
-        to_upstream = asyncio.create_task(_pump(client_ws, upstream_ws))
-        to_client = asyncio.create_task(_pump(upstream_ws, client_ws, sent_to_client))
+        activity = _Activity()
+        to_upstream = asyncio.create_task(_pump(client_ws, upstream_ws, activity))
+        to_client = asyncio.create_task(_pump(upstream_ws, client_ws, activity, sent_to_client))
+        idle = asyncio.create_task(activity.wait_idle(config.ws_idle_timeout_s)) if config.ws_idle_timeout_s > 0 \
+            else asyncio.create_task(asyncio.Event().wait())
         try:
-            done, _ = await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
-            if to_upstream in done:
+            done, _ = await asyncio.wait({to_upstream, to_client, idle}, return_when=asyncio.FIRST_COMPLETED)
+            if idle in done:
+                log.info("WebSocket %s idle for %g s; closing it", target, config.ws_idle_timeout_s)
+                await client_ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"idle timeout")
+                await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+            elif to_upstream in done:
                 # The client closed (or vanished: 1006 becomes "going away").
                 if client_ws.close_code in (None, 1006):
                     info.client_disconnected = True
@@ -428,13 +459,42 @@ async def forward_websocket(
                 await client_ws.close(code=_sendable(upstream_ws.close_code, aiohttp.WSCloseCode.INTERNAL_ERROR))
                 await upstream_ws.close()
         finally:
-            for task in (to_upstream, to_client):
+            for task in (to_upstream, to_client, idle):
                 task.cancel()
-            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+            await asyncio.gather(to_upstream, to_client, idle, return_exceptions=True)
         return client_ws
     finally:
-        info.extras["bytes_out"] = sent_to_client[0]
+        info.bytes_out = sent_to_client[0]
         if not upstream_ws.closed:
             # Also reached when the handler is cancelled (servers started with
             # handler_cancellation): still tell the upstream why, if we know.
             await upstream_ws.close(code=_sendable(client_ws.close_code, aiohttp.WSCloseCode.GOING_AWAY))
+
+
+# --- the trip, inside the inference context --------------------------------------------
+
+
+async def relay(
+    request: web.Request,
+    capability: str,
+    entry: Any,
+    *,
+    body: bytes | None = None,
+    model_id: str | None = None,
+    on_slot: Callable[[], Any] | None = None,
+) -> web.StreamResponse:
+    """Send ``request`` to the upstream ``entry`` serves, holding the slot, and stream back.
+
+    :param body: the bytes to send instead of the client's own body.
+    :param model_id: the registered model id the request is for (metrics), if known.
+    """
+    upstream: Upstream = entry.backend
+    session = request.app[upstream_sessions_key][upstream.name]
+    is_websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+    async with inference(
+        request, capability, entry, model_id=model_id, provider=upstream.provider, load=False,
+        hold_slot=upstream.uses_local_gpu, watch_disconnect=not is_websocket, on_slot=on_slot,
+    ):
+        if is_websocket:
+            return await forward_websocket(request, upstream, session)
+        return await forward(request, upstream, session, body=body)

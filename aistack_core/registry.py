@@ -181,6 +181,14 @@ class Registry:
             return None
         return {"asr": self.asr, "tts": self.tts}[capability][model_id]
 
+    def find_any(self, model: str) -> Registered | None:
+        """The in-process entry of any capability that ``model`` names (for "wrong capability" errors)."""
+        for capability in ("asr", "tts"):
+            found = self.find(capability, model)
+            if found is not None:
+                return found
+        return None
+
     def resolve_asr(self, model: str | None, language: str | None) -> Registered:
         model = (model or "").strip()
         if model.lower() in ("", AUTO_ALIAS):

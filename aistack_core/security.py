@@ -32,7 +32,7 @@ log = logging.getLogger("aistack.security")
 # Paths that answer without a key: liveness probes must work unauthenticated.
 OPEN_PATHS = frozenset({"/health"})
 # Response headers a browser page may read (besides the CORS-safelisted ones).
-EXPOSED_HEADERS = "X-Request-ID, Retry-After, X-Cache, Content-Disposition"
+EXPOSED_HEADERS = "X-Request-ID, Retry-After, X-Cache, Content-Disposition, X-Aistack-Model, X-Aistack-Language"
 DEFAULT_ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-ID"
 ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 PREFLIGHT_MAX_AGE_S = "600"
@@ -78,6 +78,10 @@ class CorsPolicy:
 
     async def add_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """on_response_prepare: CORS headers on every answer to an allowed origin."""
+        # Whether CORS headers appear depends on Origin, so caches must key on it,
+        # on every answer (also those to a refused or absent origin).
+        if hdrs.ORIGIN not in response.headers.getall(hdrs.VARY, ()):
+            response.headers.add(hdrs.VARY, hdrs.ORIGIN)
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is None or not self.allows(origin):
             return
@@ -85,8 +89,6 @@ class CorsPolicy:
         # Allow-Origin values make the browser reject the response.
         response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = self.allow_origin_value(origin)
         response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
-        if not self.any_origin:
-            response.headers.add(hdrs.VARY, hdrs.ORIGIN)
 
 
 def bearer_token(request: web.BaseRequest) -> str | None:
@@ -105,7 +107,8 @@ def api_key_middleware(api_key: str):
         if request.path not in OPEN_PATHS:
             supplied = bearer_token(request)
             # compare_digest: the time taken must not reveal how much of a guess matched.
-            if supplied is None or not hmac.compare_digest(supplied.encode("utf-8"), expected):
+            # surrogateescape: header bytes that are not UTF-8 compare (unequal) instead of failing.
+            if supplied is None or not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"), expected):
                 # The message never echoes what was sent.
                 raise Unauthorized(
                     "Missing or wrong API key: send 'Authorization: Bearer <key>' "
@@ -118,19 +121,14 @@ def api_key_middleware(api_key: str):
     return require_api_key
 
 
-def inner_middlewares(config: Config) -> list:
+def middlewares(config: Config, cors: CorsPolicy | None) -> list:
     """Run inside the error middleware: preflight first (it needs no key), then the key."""
     result = []
-    if config.cors_allow_origins:
-        result.append(CorsPolicy(config.cors_allow_origins).preflight_middleware)
+    if cors is not None:
+        result.append(cors.preflight_middleware)
     if config.api_key:
         result.append(api_key_middleware(config.api_key))
     return result
-
-
-def setup(app: web.Application, config: Config) -> None:
-    if config.cors_allow_origins:
-        app.on_response_prepare.append(CorsPolicy(config.cors_allow_origins).add_headers)
 
 
 def is_loopback(host: str) -> bool:

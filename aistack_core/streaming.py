@@ -1,56 +1,16 @@
-"""Helpers for long-running requests: noticing the client left, and pulling a
-blocking iterator from worker threads without stalling the event loop."""
+"""Thread <-> event-loop helpers: run blocking work in a worker thread, and pull a
+blocking iterator one item at a time, without stalling the event loop."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import AsyncIterator, Callable, Iterator, TypeVar
 
-from aiohttp import web
-
 from .backends import CancelToken
-from .observe import request_info
 
 T = TypeVar("T")
 
-DISCONNECT_POLL_S = 0.05
 _DONE = object()
-
-
-def client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-@contextlib.asynccontextmanager
-async def cancel_on_disconnect(request: web.Request) -> AsyncIterator[CancelToken]:
-    """Yield a cancel token that is set as soon as the client's connection closes.
-
-    aiohttp does not cancel a handler when its client leaves, and a worker
-    thread cannot notice by itself, so a small task polls the transport.
-    """
-    token = CancelToken()
-
-    async def watch() -> None:
-        while not token.cancelled:
-            if client_gone(request):
-                request_info(request).client_disconnected = True
-                token.cancel("client disconnected")
-                return
-            await asyncio.sleep(DISCONNECT_POLL_S)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        yield token
-    except BaseException:
-        # Aborted (an error, or aiohttp cancelling the handler): stop the worker too.
-        token.cancel("request aborted")
-        raise
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
 
 
 async def finish_in_thread(function: Callable[..., T], *args, cancel: CancelToken) -> T:
@@ -63,6 +23,8 @@ async def finish_in_thread(function: Callable[..., T], *args, cancel: CancelToke
     except asyncio.CancelledError:
         cancel.cancel("request aborted")
         await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # the worker's own Cancelled: retrieved, so asyncio does not warn
         raise
 
 

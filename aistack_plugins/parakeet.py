@@ -47,7 +47,7 @@ from aistack_core import (
     Word,
     hookimpl,
 )
-from aistack_core.segments import clamp_words, sentence_segments
+from aistack_core.media.segments import clamp_words, sentence_segments
 
 log = logging.getLogger("aistack.plugins.parakeet")
 

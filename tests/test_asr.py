@@ -13,7 +13,7 @@ import pytest
 from openai import AsyncOpenAI
 
 import aistack_plugins.faster_whisper as faster_whisper_plugin
-from aistack_core import audio
+from aistack_core.media import audio
 from aistack_core.app import create_app
 from aistack_core.context import model_cache_key, slot_key
 
@@ -48,7 +48,8 @@ async def test_response_formats(whisper_client, sentences_wav):
         "/v1/audio/transcriptions", data=form(path, model="whisper-1", response_format=fmt)
     )
     as_json = await (await post("json")).json()
-    assert set(as_json) == {"text"} and word_error_rate(text, as_json["text"]) <= 0.2
+    assert set(as_json) == {"text", "usage"} and word_error_rate(text, as_json["text"]) <= 0.2
+    assert as_json["usage"]["type"] == "duration" and as_json["usage"]["seconds"] > 0
 
     verbose = await (await post("verbose_json")).json()
     assert verbose["task"] == "transcribe" and verbose["language"] == "en"
@@ -103,8 +104,16 @@ async def test_sse_event_sequence(whisper_client, sentences_wav):
     assert deltas and all(e["type"] == "transcript.text.delta" for e in deltas)
     for event in deltas:
         segment = event["segment"]
-        assert segment["start"] <= segment["end"] and segment["words"]
+        # Word alignment costs time: streamed segments carry words only when asked for.
+        assert segment["start"] <= segment["end"] and "words" not in segment
     assert events[-1]["language"] == "en" and events[-1]["duration"] > 1
+    assert "".join(e["delta"] for e in deltas) == events[-1]["text"]
+    assert events[-1]["usage"]["type"] == "duration"
+
+    response = await whisper_client.post("/v1/audio/transcriptions", data=form(
+        path, model="whisper-1", stream="true", **{"timestamp_granularities[]": "word"}))
+    deltas = (await sse_events(response))[:-1]
+    assert deltas and all(event["segment"]["words"] for event in deltas)
 
 
 async def test_warning_downgrade_for_a_backend_that_cannot_stream(make_client, tmp_path):
@@ -139,7 +148,7 @@ async def test_compressed_upload_and_model_cached_once(whisper_client, tmp_path)
         response = await whisper_client.post("/v1/audio/transcriptions", data=form(mp3, model="tiny"))
         assert word_error_rate(SENTENCES[3], (await response.json())["text"]) <= 0.2
     cache = whisper_client.app[model_cache_key]
-    assert cache.loads == 1 and [m["key"] for m in cache.loaded()] == ["whisper-tiny.en"]
+    assert cache.loads == 1 and [m["key"] for m in cache.loaded()] == ["asr:whisper-tiny.en"]
 
 
 async def test_auto_with_only_whisper_installed(whisper_client, sentences_wav):

@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from aistack_core import audio
+from aistack_core.media import audio
 from aistack_core.errors import Malformed
 
 TTS_RATE = 22050  # Piper's rate, which Opus cannot take as it is

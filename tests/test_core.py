@@ -23,8 +23,10 @@ from .helpers import BackendPlugin, SlowAsr, tone_wav
 def assert_envelope(body: dict, kind: str) -> dict:
     assert set(body) == {"error"}, body
     error = body["error"]
-    assert set(error) == {"kind", "provider", "message"}
+    # The contract's three fields, plus OpenAI's type, code and param.
+    assert set(error) == {"kind", "provider", "message", "type", "code", "param"}
     assert error["kind"] == kind and kind in ENVELOPE_KINDS
+    assert isinstance(error["type"], str) and isinstance(error["code"], str) and error["code"]
     assert error["message"] and "Traceback" not in error["message"]
     return error
 

@@ -17,7 +17,7 @@ import pytest
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from aistack_core import CancelToken, Cancelled, Config, Malformed, TranscriptionOptions
-from aistack_core.audio import DecodedAudio
+from aistack_core.media.audio import DecodedAudio
 from aistack_core.plugins import load_plugins
 from aistack_core.registry import Registry
 from aistack_plugins import faster_whisper as fw

@@ -23,12 +23,12 @@ pytestmark = pytest.mark.heavy
 parakeet = pytest.importorskip("aistack_plugins.parakeet", reason="needs the parakeet extra (nemo_toolkit[asr])")
 
 from aistack_core import CancelToken, Cancelled, Config, Malformed, Network, TranscriptionOptions, Word  # noqa: E402
-from aistack_core.audio import DecodedAudio  # noqa: E402
+from aistack_core.media.audio import DecodedAudio  # noqa: E402
 from aistack_core.cli import main as cli_main  # noqa: E402
 from aistack_core.context import model_cache_key, slot_key  # noqa: E402
 from aistack_core.plugins import load_plugins  # noqa: E402
 from aistack_core.registry import Registry  # noqa: E402
-from aistack_core.segments import sentence_segments, subtitle_cues  # noqa: E402
+from aistack_core.media.segments import sentence_segments, subtitle_cues  # noqa: E402
 
 from .fixtures.tiny_parakeet import PHRASE, build_tiny_parakeet, expected_words  # noqa: E402
 from .helpers import sse_events, BackendPlugin, write_wav  # noqa: E402

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from aistack_core.config import Config
-from aistack_core.observe import observability_key
+from aistack_core.observe.middleware import observability_key
 from aistack_core.security import warn_if_exposed
 
 from .helpers import BackendPlugin, SlowAsr

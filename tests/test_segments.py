@@ -7,7 +7,7 @@ import random
 import pytest
 
 from aistack_core import Word
-from aistack_core.segments import (
+from aistack_core.media.segments import (
     clamp_words,
     ends_sentence,
     join_words,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.heavy
 sensevoice = pytest.importorskip("aistack_plugins.sensevoice", reason="needs the sensevoice extra (funasr)")
 
 from aistack_core import CancelToken, Cancelled, Config, Malformed, Network, TranscriptionOptions  # noqa: E402
-from aistack_core.audio import DecodedAudio  # noqa: E402
+from aistack_core.media.audio import DecodedAudio  # noqa: E402
 from aistack_core.cli import main as cli_main  # noqa: E402
 from aistack_core.context import model_cache_key, registry_key, slot_key  # noqa: E402
 from aistack_core.plugins import load_plugins  # noqa: E402

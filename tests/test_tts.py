@@ -15,7 +15,7 @@ from openai import AsyncOpenAI
 
 import aistack_plugins.faster_whisper as faster_whisper_plugin
 import aistack_plugins.piper as piper_plugin
-from aistack_core import audio
+from aistack_core.media import audio
 from aistack_core.context import slot_key
 
 from .helpers import SENTENCES, BackendPlugin, SlowAsr, word_error_rate

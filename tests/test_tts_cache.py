@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aistack_core.tts_cache import ENTRY_SUFFIX, CachedAudio, TtsCache
+from aistack_core.media.tts_cache import ENTRY_SUFFIX, CachedAudio, TtsCache
 
 
 class FakeClock:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Sequence
 
-from .backends import Segment, Word
+from ..backends import Segment, Word
 
 SENTENCE_ENDS = (".", "!", "?", "…", "。", "！", "？", "．")
 CLAUSE_ENDS = (",", ";", ":", "–", "—", "，", "、", "；", "：")

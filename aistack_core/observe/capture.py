@@ -8,7 +8,7 @@ Off unless ``AISTACK_OBS_PAYLOAD=on``.  Each request gets a folder
 - ``req.bin`` and ``resp.bin``: the bodies, each cut at the per-request cap.
 
 Nothing is written on the event loop: the loop hands byte chunks to an
-:class:`~aistack_core.access_log.OffLoopWriter` thread, bounded by the bytes
+:class:`~aistack_core.observe.writer.OffLoopWriter` thread, bounded by the bytes
 it may hold, and a chunk that does not fit is dropped and the capture
 flagged incomplete.  Streamed responses are teed chunk by chunk as they
 are written to the client, so capture never holds a response back.  The
@@ -28,21 +28,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
 from aiohttp import web
 
-from .access_log import OffLoopWriter
-from .metrics import RequestOutcome, iso_utc
+from .record import RequestInfo, RequestOutcome, iso_utc
+from .writer import OffLoopWriter
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from aiohttp import StreamReader
-
-    from .observe import RequestInfo
 
 log = logging.getLogger("aistack.capture")
 
@@ -59,11 +59,33 @@ DEFAULT_SWEEP_EVERY_S = 300.0
 UNREAD_BODY_TIMEOUT_S = 1.0
 
 
+# Names that look like they carry a credential, in a header or a query parameter
+# (``?api_key=``, ``X-Auth-Token``, ``access_token``, ``sig``...).
+_CREDENTIAL_NAME = re.compile(r"key|token|secret|passw|auth|session|cookie|signature|^sig$|credential", re.IGNORECASE)
+
+
+def looks_like_credential(name: str) -> bool:
+    return name.lower() in REDACTED_HEADERS or _CREDENTIAL_NAME.search(name) is not None
+
+
+def redact_query(query: str) -> str:
+    """The query string with the values of credential-looking parameters replaced."""
+    if not query:
+        return query
+    parts = []
+    for pair in query.split("&"):
+        name, equals, _value = pair.partition("=")
+        if equals and looks_like_credential(urllib.parse.unquote_plus(name)):
+            pair = f"{name}={REDACTED}"
+        parts.append(pair)
+    return "&".join(parts)
+
+
 def redact_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str | list[str]]:
     """Headers as a JSON object (repeated names become lists), credentials replaced."""
     result: dict[str, str | list[str]] = {}
     for name, value in headers:
-        shown = REDACTED if name.lower() in REDACTED_HEADERS else value
+        shown = REDACTED if looks_like_credential(name) else value
         previous = result.get(name)
         if previous is None:
             result[name] = shown
@@ -136,7 +158,7 @@ class RequestCapture:
             "started": iso_utc(self.started_at),
             "method": request.method,
             "path": request.path,
-            "query": request.query_string,
+            "query": redact_query(request.query_string),
             "route": route,
             "client": outcome.client,
             "capability": outcome.capability,
@@ -170,7 +192,7 @@ class RequestCapture:
             "cap_bytes": self.cap,
             "incomplete": self.lost_bytes > 0,
             "lost_bytes": self.lost_bytes,
-            "extras": dict(outcome.extras),
+            "outcome": outcome.to_record(),
         }
         if not self.store.writer.offer(("meta", self, meta)):
             self.store.dropped_captures += 1
@@ -500,7 +522,7 @@ def _tee_writes(response: web.StreamResponse, capture: RequestCapture) -> None:
     response.write_eof = write_eof_and_capture  # type: ignore[method-assign]
 
 
-def begin(store: PayloadStore, request: web.BaseRequest, info: "RequestInfo", started_at: float) -> RequestCapture:
+def begin(store: PayloadStore, request: web.BaseRequest, info: RequestInfo, started_at: float) -> RequestCapture:
     capture = store.begin(info.request_id, started_at)
     request[capture_key] = capture
     return capture

@@ -27,7 +27,7 @@ import av
 import av.filter
 import numpy as np
 
-from .errors import Malformed
+from ..errors import Malformed
 
 ACCEPTED_UPLOADS = "Send WAV, MP3, M4A, FLAC, OGG, WebM or MP4 audio."
 

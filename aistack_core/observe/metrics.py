@@ -14,8 +14,6 @@ Prometheus text is unavailable.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import time
 from bisect import bisect_left
@@ -24,10 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import attrs
 
-# The request classes the contract talks about.  "503-busy" is load shedding
-# by the GPU slot, counted apart from real failures; "client-disconnect" is a
-# caller that went away (499 or a reset connection).
-OUTCOME_CLASSES = ("2xx", "4xx", "5xx", "503-busy", "client-disconnect")
+from .record import RequestOutcome, iso_utc  # noqa: F401 - iso_utc re-exported for the sinks
 
 # Seconds.  Wide on purpose: /health answers in microseconds, a long
 # transcription takes minutes.
@@ -38,149 +33,12 @@ SLOT_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 # Processing time / audio time: below 1 is faster than real time.
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 
-# A client controls the ``model`` field, so a flood of made-up names must not
-# grow the label set without end; past this many per capability they share one.
+# Labels are registered model ids (an upstream's listing included), so the set
+# is small; the cap only guards against an upstream that lists thousands.
 MAX_MODELS_PER_CAPABILITY = 64
+UNKNOWN_MODEL_LABEL = "unknown"
 OVERFLOW_MODEL_LABEL = "other"
 RECENT_REQUESTS = 100
-
-
-def classify(status: int, *, busy: bool, disconnected: bool) -> str:
-    """The class a finished request is counted under."""
-    if disconnected or status == 499:
-        return "client-disconnect"
-    if busy:
-        return "503-busy"
-    if status >= 500:
-        return "5xx"
-    if status >= 400:
-        return "4xx"
-    if status >= 300:
-        return "3xx"
-    return "2xx"
-
-
-@attrs.define(slots=True)
-class RequestOutcome:
-    """Everything observability keeps about one finished request."""
-
-    started_at: float  # time.time() when the request arrived
-    request_id: str
-    method: str
-    path: str
-    status: int
-    outcome_class: str
-    capability: str
-    model: str
-    provider: str | None
-    latency_s: float
-    slot_wait_s: float | None
-    client: str | None
-    bytes_in: int
-    bytes_out: int
-    headers_s: float | None = None  # time until the response headers went out
-    extras: Mapping[str, Any] = attrs.field(factory=dict)
-
-    @property
-    def audio_sec(self) -> float | None:
-        value = self.extras.get("audio_sec")
-        return float(value) if isinstance(value, (int, float)) else None
-
-    @property
-    def rtf(self) -> float | None:
-        value = self.extras.get("rtf")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if "audio_sec" not in self.extras:
-            return None
-        audio = self.audio_sec
-        if audio:  # the capability gave the audio length but no factor: work time over audio time
-            return (self.latency_s - (self.slot_wait_s or 0.0)) / audio
-        return None
-
-    def to_record(self) -> dict[str, Any]:
-        """The JSON view (``/admin/api/metrics``): one flat object."""
-        return json.loads(self.to_json_line())
-
-    def to_json_line(self) -> str:
-        """The access-log line: the same object as :meth:`to_record`, serialized.
-
-        Written by a template rather than ``json.dumps`` of a dict, because
-        this runs once per request: only values a client controls (path,
-        model, provider, extras) go through the JSON escaper; the rest are
-        numbers and names from fixed alphabets (the request id is checked
-        against ``[A-Za-z0-9-_:.]``).
-        """
-        line = _LINE_TEMPLATE % (
-            iso_utc(self.started_at), self.request_id, self.method, _json_string(self.path), self.status,
-            self.outcome_class, _json_string(self.capability), _json_string(self.model or None),
-            _json_string(self.provider), self.latency_s * 1000, _json_ms(self.slot_wait_s),
-            _json_string(self.client), self.bytes_in, self.bytes_out, _json_ms(self.headers_s),
-        )
-        extras = self.extras
-        if not extras:
-            return line + "}"
-        if "audio_sec" in extras and "rtf" not in extras and self.rtf is not None:
-            extras = {**extras, "rtf": round(self.rtf, 4)}
-        if not _CORE_FIELDS.isdisjoint(extras):  # extras never overwrite the core fields
-            extras = {key: value for key, value in extras.items() if key not in _CORE_FIELDS}
-            if not extras:
-                return line + "}"
-        return line + "," + _encode_members(extras) + "}"
-
-
-_LINE_TEMPLATE = (
-    '{"ts":"%s","request_id":"%s","method":"%s","path":%s,"status":%d,"class":"%s","capability":%s,'
-    '"model":%s,"provider":%s,"latency_ms":%.3f,"slot_wait_ms":%s,"client":%s,"bytes_in":%d,"bytes_out":%d,'
-    '"headers_ms":%s'
-)
-_CORE_FIELDS = frozenset({
-    "ts", "request_id", "method", "path", "status", "class", "capability", "model", "provider", "latency_ms",
-    "slot_wait_ms", "client", "bytes_in", "bytes_out", "headers_ms",
-})
-_escape_json_string = json.encoder.encode_basestring  # C; keeps non-ASCII as is
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str).encode
-
-
-def _encode_members(values: Mapping[str, Any]) -> str:
-    """``"k":v,...`` for a small dict of scalars, faster than the json module for a handful of keys."""
-    parts = []
-    for key, value in values.items():
-        kind = type(value)
-        if value is None:
-            text = "null"
-        elif kind is bool:
-            text = "true" if value else "false"
-        elif kind is str:
-            text = _escape_json_string(value)
-        elif kind is int or kind is float:
-            text = repr(value) if math.isfinite(value) else "null"  # JSON has no NaN or Infinity
-        else:
-            try:
-                text = _encode_json(value)
-            except ValueError:  # a NaN somewhere inside
-                text = "null"
-        parts.append(_escape_json_string(str(key)) + ":" + text)
-    return ",".join(parts)
-
-
-def _json_string(value: str | None) -> str:
-    return "null" if value is None else _escape_json_string(value)
-
-
-def _json_ms(seconds: float | None) -> str:
-    return "null" if seconds is None else "%.3f" % (seconds * 1000)
-
-
-@functools.lru_cache(maxsize=8)
-def _utc_second(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-
-
-def iso_utc(epoch: float) -> str:
-    """``2025-01-02T03:04:05.678Z``; the formatted second is cached (once per request adds up)."""
-    second = math.floor(epoch)
-    return f"{_utc_second(second)}.{int((epoch - second) * 1000):03d}Z"
 
 
 class Histogram:
@@ -321,10 +179,11 @@ class Metrics:
 
     def record(self, outcome: RequestOutcome) -> None:
         capability = outcome.capability
-        key = (capability, outcome.model)
+        # Only registered model ids become labels; whatever else a client sent is one value.
+        key = (capability, outcome.model or UNKNOWN_MODEL_LABEL)
         totals = self.series.get(key)
         if totals is None:
-            key = (capability, self._model_label(capability, outcome.model))
+            key = (capability, self._model_label(capability, key[1]))
             totals = self.series.get(key)
             if totals is None:
                 totals = self.series[key] = SeriesTotals(self._window_minutes)
@@ -344,8 +203,7 @@ class Metrics:
             _add(slot.slot_wait, slot_wait)
         # Audio counts only when it was served: a busy or failed request may
         # know its upload's length but processed none of it.
-        extras = outcome.extras
-        if outcome_class == "2xx" and extras and ("audio_sec" in extras or "rtf" in extras):
+        if outcome_class == "2xx":
             audio_sec = outcome.audio_sec
             if audio_sec is not None:
                 totals.audio_sec += audio_sec
@@ -515,7 +373,7 @@ class _AistackCollector:
         state = self._live_state()
         loaded = GaugeMetricFamily("aistack_model_loaded", "1 for each model held in memory.", labels=["model", "category"])
         for entry in state.loaded_models:
-            loaded.add_metric([str(entry.get("key", "")), str(entry.get("category", ""))], 1)
+            loaded.add_metric([str(entry.get("model", "")), str(entry.get("category", ""))], 1)
         yield loaded
         yield GaugeMetricFamily("aistack_models_loaded", "Models held in memory.", value=len(state.loaded_models))
         busy = bool(state.slot.get("busy"))

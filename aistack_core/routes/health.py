@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import __version__
-from .context import plugins_key
+from .. import __version__
+from ..context import plugins_key
 
 
 async def get_health(request: web.Request) -> web.Response:

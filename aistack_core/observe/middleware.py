@@ -1,0 +1,261 @@
+"""The observe middleware: request identity, and the recording of every request.
+
+Every request gets an ``X-Request-ID`` (the caller's when it is 1–128
+characters of ``[A-Za-z0-9-_:.]``, else 16 fresh hex characters), echoed on
+every response, streamed ones and errors included, and carried by every log
+line written while the request runs.  When it is over, its
+:class:`~aistack_core.observe.record.RequestInfo` becomes one
+:class:`~aistack_core.observe.record.RequestOutcome` for the sinks that are
+on: metrics, the access log and payload capture.  None of them does I/O on
+the event loop, and none can make a request wait or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from ..config import Config
+from ..context import model_cache_key, slot_key
+from . import capture as payload_capture
+from .access_log import AccessLog
+from .capture import PayloadStore, RequestCapture
+from .metrics import LiveState, Metrics, prometheus_registry
+from .record import REQUEST_INFO, RequestInfo, RequestOutcome, classify, current_request_id, pick_request_id
+
+log = logging.getLogger("aistack.observe")
+
+
+def capability_for_path(path: str) -> str:
+    """Which capability a path belongs to, for requests that fail before the route says so."""
+    if path.startswith("/v1/audio/"):
+        if path.startswith(("/v1/audio/transcriptions", "/v1/audio/translations")):
+            return "asr"
+        return "tts"
+    if path.startswith(("/v1/chat/", "/v1/completions", "/v1/embeddings")):
+        return "llm"
+    if path.startswith("/v1/realtime"):
+        return "asr"
+    return "gateway"  # health, models, metrics, admin, 404s
+
+
+def outcome_of(request: web.Request, info: RequestInfo, response: web.StreamResponse | None) -> RequestOutcome:
+    latency = time.monotonic() - info.started
+    disconnected = info.client_disconnected
+    if response is not None:
+        status = response.status
+        # Body bytes when the length is declared; for streamed answers, the bytes written.
+        bytes_out = response.content_length
+        if bytes_out is None:
+            bytes_out = response.body_length
+    else:
+        status = 499 if disconnected else 500
+        bytes_out = 0
+    if info.bytes_out is not None:  # what a proxy relayed wins over the headers' figure
+        bytes_out = info.bytes_out
+    bytes_in = info.bytes_in if info.bytes_in is not None else (request.content_length or 0)
+    busy = info.slot_busy and status == 503
+    headers_sent_at = info.headers_sent_at
+    return RequestOutcome(
+        started_at=time.time() - latency,
+        request_id=info.request_id,
+        method=request.method,
+        path=request.path,
+        status=status,
+        outcome_class="2xx" if status < 300 and not disconnected else classify(
+            status, busy=busy, disconnected=disconnected),
+        capability=info.capability or capability_for_path(request.path),
+        model=info.model,
+        provider=info.provider,
+        latency_s=latency,
+        slot_wait_s=info.slot_wait_s,
+        client=request.remote,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        headers_s=None if headers_sent_at is None else headers_sent_at - info.started,
+        requested_model=info.requested_model if info.requested_model != info.model else None,
+        model_load_s=info.model_load_s,
+        inference_s=info.inference_s,
+        audio_sec=info.audio_sec,
+        rtf=info.rtf,
+        stream=info.stream,
+        response_format=info.response_format,
+        cache=info.cache,
+        language=info.language,
+        upstream_error=info.upstream_error,
+    )
+
+
+class Observability:
+    """The sinks of one app, chosen by its config."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics(window_s=config.obs_metrics_window_min * 60) if config.obs_metrics else None
+        self.access_log = AccessLog(config.obs_log_dir) if config.obs_access_log else None
+        self.payloads = (
+            PayloadStore(
+                config.obs_payload_dir,
+                max_bytes=config.obs_payload_max_mb * 1024 * 1024,
+                max_age_s=config.obs_payload_max_age_h * 3600,
+                request_cap_bytes=config.obs_payload_request_cap_kb * 1024,
+            )
+            if config.obs_payload
+            else None
+        )
+        self._prometheus: Any = None
+
+    @property
+    def records(self) -> bool:
+        """Whether any sink wants finished requests (else the middleware only sets the request id)."""
+        return self.metrics is not None or self.access_log is not None or self.payloads is not None
+
+    def finish(
+        self,
+        request: web.Request,
+        info: RequestInfo,
+        response: web.StreamResponse | None,
+        capture: RequestCapture | None,
+    ) -> None:
+        """Turn a finished request into a RequestOutcome and hand it to the sinks."""
+        outcome = outcome_of(request, info, response)
+        if self.metrics is not None:
+            self.metrics.record(outcome)
+        if self.access_log is not None:
+            self.access_log.submit(outcome)
+        if capture is not None:
+            capture.finish(request, outcome)
+
+    # --- reading ----------------------------------------------------------------
+
+    def live_state(self, app: web.Application) -> LiveState:
+        slot = app[slot_key]
+        counters: dict[str, tuple[str, float]] = {}
+        for sink in (self.access_log, self.payloads):
+            if sink is not None:
+                counters.update(sink.counters())
+        return LiveState(
+            slot=slot.status(),
+            busy_rejections=slot.busy_rejections,
+            loaded_models=app[model_cache_key].loaded(),
+            counters=counters,
+        )
+
+    def prometheus_registry(self, app: web.Application) -> Any:
+        if self._prometheus is None:
+            assert self.metrics is not None
+            self._prometheus = prometheus_registry(self.metrics, lambda: self.live_state(app))
+        return self._prometheus
+
+    # --- background threads -------------------------------------------------------
+
+    async def run_writers(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: the access-log and capture threads live as long as the app."""
+        sinks = [sink for sink in (self.access_log, self.payloads) if sink is not None]
+        for sink in sinks:
+            sink.start()
+        yield
+        # Joining may take a moment (last batch, a slow disk): not on the loop.
+        await asyncio.gather(*(asyncio.to_thread(sink.stop) for sink in sinks))
+
+
+observability_key = web.AppKey("observability", Observability)
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: runs for every response just before its headers go out."""
+    info = request.get(REQUEST_INFO)
+    if info is not None:
+        response.headers["X-Request-ID"] = info.request_id
+        info.headers_sent_at = time.monotonic()
+        info.prepared_response = response
+
+
+# Liveness probes arrive every few seconds from Docker, systemd or a load
+# balancer: recording each would drown real traffic in the access log and
+# metrics, and /health must stay as cheap as a probe expects.  They still
+# get their X-Request-ID.
+UNOBSERVED_PATHS = frozenset({"/health"})
+# Non-streamed bodies at least this large are sent inside the observe
+# middleware (see there); smaller ones go out in one socket write anyway.
+SEND_HERE_ABOVE_BYTES = 64 * 1024
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """The request id and the recording of the request.
+
+    One layer, because every request passes through it.  Sits outside the error middleware, so it sees the envelope responses
+    that middleware makes.  A large response the handler returned unsent is
+    sent here (aiohttp then finds it already finished), so latency covers
+    the body and a client that vanished meanwhile is noticed; a small one
+    fits the socket buffer at once and is left to aiohttp, which is cheaper.
+    """
+    info = RequestInfo(pick_request_id(request.headers.get("X-Request-ID")))
+    request[REQUEST_INFO] = info
+    token = current_request_id.set(info.request_id)
+    observability = request.app[observability_key]
+    if request.path in UNOBSERVED_PATHS or not observability.records:
+        try:
+            return await handler(request)
+        finally:
+            current_request_id.reset(token)
+    capture = None
+    if observability.payloads is not None:
+        capture = payload_capture.begin(observability.payloads, request, info, time.time())
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        if capture is not None:
+            await payload_capture.capture_read_body(request, capture)
+        if not response.prepared and (
+            capture is not None or (response.content_length or SEND_HERE_ABOVE_BYTES) >= SEND_HERE_ABOVE_BYTES
+        ):
+            await response.prepare(request)
+            await response.write_eof()
+        return response
+    except ConnectionError:
+        # The client reset the connection (aiohttp's write errors are
+        # ConnectionResetError subclasses).  Hand back the response already
+        # under way so aiohttp finishes quietly instead of logging a 500
+        # that nobody would receive.
+        info.client_disconnected = True
+        if response is None:
+            response = info.prepared_response
+        if response is not None:
+            return response
+        raise
+    except asyncio.CancelledError:
+        info.client_disconnected = True
+        raise
+    except web.HTTPException as exc:  # below 400: the error middleware lets these through
+        response = exc
+        raise
+    finally:
+        try:
+            observability.finish(request, info, response, capture)
+        except Exception:  # noqa: BLE001 - recording must never fail the request it records
+            log.exception("could not record %s %s", request.method, request.path)
+        finally:
+            current_request_id.reset(token)
+
+
+
+
+def setup(app: web.Application, config: Config) -> None:
+    """Signals and background writers of the observability layer (the app factory calls it)."""
+    observability = Observability(config)
+    app[observability_key] = observability
+    app.on_response_prepare.append(echo_request_id)
+    if observability.access_log is not None or observability.payloads is not None:
+        app.cleanup_ctx.append(observability.run_writers)
+
+
+def capture_signal(app: web.Application) -> None:
+    """Last on_response_prepare handler: the capture sees the final headers (request id, CORS)."""
+    if app[observability_key].payloads is not None:
+        app.on_response_prepare.append(payload_capture.on_response_prepare)

@@ -1,0 +1,65 @@
+"""``GET /v1/models``: what can serve right now.
+
+In-process backends are listed because their plugin imported.  Upstreams
+are probed concurrently, each under a short deadline and cached briefly,
+so one hanging upstream never slows the listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from ..context import registry_key
+from ..errors import Malformed
+from ..upstreams import probes_key
+
+log = logging.getLogger("aistack.models")
+
+
+def _in_process_entries(app: web.Application) -> list[dict]:
+    registry = app[registry_key]
+    asr = registry.serving("asr")
+    entries: list[dict] = []
+    auto = registry.auto_card(asr)
+    if auto is not None:
+        entries.append(auto)
+    for pool in (asr, registry.serving("tts")):
+        entries.extend(entry.card.to_openai() for entry in sorted(pool, key=lambda e: e.card.id))
+    return entries
+
+
+async def list_entries(app: web.Application) -> list[dict]:
+    local, remote = await asyncio.gather(
+        asyncio.to_thread(_in_process_entries, app), app[probes_key].cards(app)
+    )
+    return local + [card.to_openai() for card in remote]
+
+
+async def get_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": await list_entries(request.app)})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    wanted = request.match_info["model"]
+    registry = request.app[registry_key]
+    # Aliases (whisper-1, tts-1, parakeet, ...) retrieve the model they stand for.
+    for capability in ("asr", "tts"):
+        found = registry.resolve_tts(wanted) if capability == "tts" else registry.find("asr", wanted)
+        if found is not None:
+            wanted = found.card.id
+            break
+    for entry in await list_entries(request.app):
+        if entry["id"] == wanted:
+            return web.json_response(entry)
+    raise Malformed(
+        f"No model {wanted!r} is available now; GET /v1/models lists those that are.",
+        status=404, code="model_not_found", param="model",
+    )
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/models", get_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
