@@ -227,7 +227,7 @@ async def test_multipart_speech_request_served_in_process(tts_client):
         with_clone.add_field(key, value)
     with_clone.add_field("audio_sample", b"RIFF....", filename="me.wav", content_type="audio/wav")
     refused = await tts_client.post("/v1/audio/speech", data=with_clone)
-    assert refused.status == 400 and "Base" in (await refused.json())["error"]["message"]
+    assert refused.status == 400 and "clone" in (await refused.json())["error"]["message"]
 
 
 async def test_unspeakable_and_odd_input_is_a_client_error(tts_client):

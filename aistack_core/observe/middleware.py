@@ -25,7 +25,9 @@ from . import capture as payload_capture
 from .access_log import AccessLog
 from .capture import PayloadStore, RequestCapture
 from .metrics import LiveState, Metrics, prometheus_registry
-from .record import REQUEST_INFO, RequestInfo, RequestOutcome, classify, current_request_id, pick_request_id
+from .record import (
+    MEASURED_FIELDS, REQUEST_INFO, RequestInfo, RequestOutcome, classify, current_request_id, pick_request_id,
+)
 
 log = logging.getLogger("aistack.observe")
 
@@ -77,16 +79,7 @@ def outcome_of(request: web.Request, info: RequestInfo, response: web.StreamResp
         bytes_in=bytes_in,
         bytes_out=bytes_out,
         headers_s=None if headers_sent_at is None else headers_sent_at - info.started,
-        requested_model=info.requested_model if info.requested_model != info.model else None,
-        model_load_s=info.model_load_s,
-        inference_s=info.inference_s,
-        audio_sec=info.audio_sec,
-        rtf=info.rtf,
-        stream=info.stream,
-        response_format=info.response_format,
-        cache=info.cache,
-        language=info.language,
-        upstream_error=info.upstream_error,
+        **{name: getattr(info, name) for name in MEASURED_FIELDS},
     )
 
 

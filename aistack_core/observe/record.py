@@ -33,8 +33,28 @@ def pick_request_id(supplied: str | None) -> str:
     return secrets.token_hex(8)
 
 
+@attrs.define(kw_only=True, slots=True)
+class Measured:
+    """What the routes and the inference context measure, shared by the live
+    :class:`RequestInfo` and the frozen :class:`RequestOutcome`."""
+
+    requested_model: str | None = None
+    model_load_s: float | None = None
+    inference_s: float | None = None
+    audio_sec: float | None = None
+    rtf: float | None = None
+    stream: bool | None = None
+    response_format: str | None = None
+    cache: str | None = None
+    language: str | None = None
+    upstream_error: str | None = None
+
+
+MEASURED_FIELDS = tuple(field.name for field in attrs.fields(Measured))
+
+
 @attrs.define
-class RequestInfo:
+class RequestInfo(Measured):
     """Facts about one request, filled in by whoever serves it.
 
     ``model`` must be a registered model id (the inference context sets it
@@ -48,21 +68,11 @@ class RequestInfo:
     started: float = attrs.field(factory=time.monotonic)
     capability: str | None = None
     model: str | None = None
-    requested_model: str | None = None
     provider: str | None = None
     slot_wait_s: float | None = None
     slot_busy: bool = False
-    model_load_s: float | None = None
-    inference_s: float | None = None
-    audio_sec: float | None = None
-    rtf: float | None = None
-    stream: bool | None = None
-    response_format: str | None = None
-    cache: str | None = None
-    language: str | None = None
     bytes_in: int | None = None  # what a route counted itself (relayed, decompressed upload)
     bytes_out: int | None = None
-    upstream_error: str | None = None
     client_disconnected: bool = False
     # Set by the on_response_prepare signal: when headers went out, and the
     # response, so a failure after that point aborts it instead of answering twice.
@@ -101,7 +111,7 @@ def classify(status: int, *, busy: bool, disconnected: bool) -> str:
 
 
 @attrs.define(slots=True)
-class RequestOutcome:
+class RequestOutcome(Measured):
     """A finished request, as the metrics, the access log and the capture see it."""
 
     started_at: float  # time.time() when the request arrived
@@ -119,16 +129,6 @@ class RequestOutcome:
     bytes_in: int
     bytes_out: int
     headers_s: float | None = None
-    requested_model: str | None = None
-    model_load_s: float | None = None
-    inference_s: float | None = None
-    audio_sec: float | None = None
-    rtf: float | None = None
-    stream: bool | None = None
-    response_format: str | None = None
-    cache: str | None = None
-    language: str | None = None
-    upstream_error: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """One flat object: the access-log line and the JSON metrics view's ``recent`` entries."""
@@ -149,7 +149,7 @@ class RequestOutcome:
             "bytes_out": self.bytes_out,
             "headers_ms": _ms(self.headers_s),
         }
-        for name in _OPTIONAL_FIELDS:
+        for name in MEASURED_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 if isinstance(value, float):
@@ -161,12 +161,6 @@ class RequestOutcome:
         """The access-log line.  ASCII escapes keep any odd client text (lone
         surrogates, control characters) valid JSON that any file encoding can hold."""
         return json.dumps(self.to_record(), ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-
-
-_OPTIONAL_FIELDS = (
-    "requested_model", "model_load_s", "inference_s", "audio_sec", "rtf", "stream", "response_format",
-    "cache", "language", "upstream_error",
-)
 
 
 def _ms(seconds: float | None) -> float | None:

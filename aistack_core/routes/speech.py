@@ -124,8 +124,8 @@ def parse_speech(form: Form, entry: Registered, request: web.Request, config: Co
     for field in CLONING_FIELDS:
         if form.raw_values.get(field) not in (None, ""):
             raise Malformed(
-                f"{entry.card.id} cannot clone voices ('{field}' was sent). Voice cloning needs the Qwen3-TTS "
-                f"Base model (Qwen/Qwen3-TTS-12Hz-0.6B-Base) behind the TTS upstream.",
+                f"{entry.card.id} cannot clone voices ('{field}' was sent). Voice cloning needs a TTS upstream "
+                f"model that clones; send the request with that model's id.",
                 provider=entry.card.provider, param=field, code="voice_cloning_not_supported",
             )
     stream_format = form["stream_format"]
