@@ -11,6 +11,7 @@ from .backends import (  # noqa: E402
     AsrBackend,
     AudioInput,
     CancelToken,
+    DoctorCheck,
     ModelCard,
     Segment,
     SpeechOptions,
@@ -35,7 +36,7 @@ from .hookspecs import hookimpl  # noqa: E402
 
 __all__ = [
     "__version__", "hookimpl", "Config",
-    "AsrBackend", "AudioInput", "CancelToken", "ModelCard", "Segment", "SpeechOptions",
+    "AsrBackend", "AudioInput", "CancelToken", "DoctorCheck", "ModelCard", "Segment", "SpeechOptions",
     "Transcription", "TranscriptionOptions", "TtsBackend", "Upstream", "Word",
     "AistackError", "BadGateway", "Cancelled", "GatewayTimeout", "Malformed", "Network", "Overflow", "Unknown",
 ]

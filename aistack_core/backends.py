@@ -240,3 +240,26 @@ class Upstream:
     headers: tuple[tuple[str, str], ...] = ()
     # False for an engine on another machine: its work does not take a local GPU slot.
     uses_local_gpu: bool = True
+
+
+# --- aistack doctor -------------------------------------------------------------
+
+CHECK_STATUSES = ("ok", "warn", "fail")
+
+
+@attrs.frozen
+class DoctorCheck:
+    """One finding of ``aistack doctor``.
+
+    ``name`` says what was checked ("CTranslate2 GPU"), ``detail`` what was
+    found, and ``fix``, for a ``warn`` or ``fail``, the command or setting
+    that mends it.
+    """
+
+    name: str
+    status: str = attrs.field(validator=attrs.validators.in_(CHECK_STATUSES))
+    detail: str
+    fix: str | None = None
+
+    def to_json(self) -> dict:
+        return attrs.asdict(self)

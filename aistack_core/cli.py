@@ -1,11 +1,15 @@
-"""``aistack serve`` and ``aistack plugins``."""
+"""``aistack serve``, ``aistack plugins`` and ``aistack doctor``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import errno
 import json
 import logging
+import signal
+import socket
 import sys
 
 import attrs
@@ -73,15 +77,59 @@ def _serve(args: argparse.Namespace) -> int:
     plugins = load_plugins(load_entrypoints=True, allow=config.load_plugins)
     app = create_app(config, plugins=plugins)
     for record in plugins.records.values():
+        # Skipped plugins were logged once, by the loader or the registry, when they failed.
         if record.status == "loaded":
             log.info("plugin %s loaded: %s", record.name, ", ".join(record.registered) or "nothing registered")
-        else:
-            log.warning("plugin %s %s: %s", record.name, record.status, record.error)
+        elif record.status == "disabled":
+            log.info("plugin %s disabled: %s", record.name, record.error)
     warn_if_exposed(config)
-    log.info("aistack %s listening on http://%s:%d", __version__, config.host, config.port)
-    # run_app turns SIGINT/SIGTERM into a clean shutdown that runs every cleanup_ctx.
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    try:
+        asyncio.run(_run_server(app, config))
+    except CannotListen as exc:
+        print(f"aistack: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+class CannotListen(Exception):
+    """The address could not be bound; the message says what to change."""
+
+
+def _bind_problem(exc: OSError, host: str, port: int) -> str:
+    choose_port = "choose another with --port N or AISTACK_PORT=N"
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use (another aistack, or another server); {choose_port}"
+    if exc.errno == errno.EACCES:
+        return f"not allowed to listen on port {port} of {host} (ports below 1024 need privileges); {choose_port}"
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return f"cannot listen on {host!r}: it is not an address of this machine; set --host or AISTACK_HOST"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host/--port (AISTACK_HOST/AISTACK_PORT)"
+
+
+async def _run_server(app: web.Application, config: Config) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down running every cleanup_ctx.
+
+    The site is started before anything says "listening", so a taken port is
+    reported as such (:class:`CannotListen`) instead of after a false start.
+    """
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CannotListen(_bind_problem(exc, config.host, config.port)) from None
+        host, port = runner.addresses[0][:2]  # the bound port, which differs from the asked one for port 0
+        log.info("aistack %s listening on http://%s:%d (admin page: /admin)", __version__, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("aistack shutting down")
+    finally:
+        await runner.cleanup()
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -107,6 +155,23 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    config = Config.from_env()
+    logging.basicConfig(level=logging.ERROR)
+    with contextlib.redirect_stdout(sys.stderr):  # import-time notices of backend libraries
+        plugins = load_plugins(load_entrypoints=True, allow=config.load_plugins)
+        checks = doctor.run_checks(config, plugins)
+    text, status = doctor.report(checks)
+    if args.json:
+        json.dump({"ok": status == 0, "checks": [check.to_json() for check in checks]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(f"aistack {__version__} doctor\n\n" + text)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aistack", description="Local OpenAI-compatible AI gateway.")
     parser.add_argument("--version", action="version", version=f"aistack {__version__}")
@@ -119,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = commands.add_parser("plugins", help="list plugins: loaded, skipped (and why), disabled")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(run=_plugins)
+    doctor = commands.add_parser("doctor", help="check the set-up: extras, GPU, upstreams, directories, disk, memory")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 

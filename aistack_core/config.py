@@ -61,6 +61,7 @@ class Config:
     slot_wait_s: float = 0.0
     model_keep_alive_s: float = 300.0
     min_free_ram_mb: int = 512
+    preload: tuple[str, ...] = ()  # model ids loaded at start-up (AISTACK_PRELOAD)
     # Speech-to-text
     max_upload_mb: int = 1024
     upload_dir: Path = attrs.field(factory=lambda: Path(tempfile.gettempdir()), converter=Path)
@@ -182,4 +183,5 @@ class Config:
         kwargs["piper_voices_dir"] = opt_path("PIPER_VOICES_DIR")
         kwargs["tts_voice_map"] = _mapping(get("TTS_VOICE_MAP"))
         kwargs["cors_allow_origins"] = _csv(get("CORS_ALLOW_ORIGINS")) or ()
+        kwargs["preload"] = _csv(get("PRELOAD")) or ()
         return cls(**kwargs)

