@@ -168,8 +168,8 @@ async def test_uploaded_speech_is_transcribed_on_the_page(admin_session, tmp_pat
         assert await segments.count() >= 1
         assert "garden" in (await segments.first.inner_text()).lower()
         # The traffic section shows the transcription among the last requests and charts it.
-        await page.wait_for_selector('#recent-table td:text-is("/v1/audio/transcriptions")', timeout=10_000)
-        await page.wait_for_selector('[data-chart="rtf"] svg rect', timeout=10_000)
+        await page.wait_for_selector('#recent-table td:text-is("/v1/audio/transcriptions")', timeout=20_000)
+        await page.wait_for_selector('[data-chart="rtf"] svg rect', timeout=20_000)
         await s.shot("transcribed")
         assert s.console_errors == []
 
@@ -209,7 +209,7 @@ async def test_spoken_sentence_plays_in_the_page(admin_session):
         duration = await page.wait_for_function(
             "() => { const a = document.getElementById('tts-audio');"
             " return a.readyState >= 1 && isFinite(a.duration) && a.duration > 0 ? a.duration : false; }",
-            timeout=10_000,
+            timeout=20_000,
         )
         assert 1.0 < await duration.json_value() < 15.0
         assert await page.locator("#tts-error").is_hidden()
@@ -249,12 +249,12 @@ async def test_a_taken_slot_shows_a_readable_busy_message(admin_session, tmp_pat
         page = s.page
         await page.wait_for_selector(f'#asr-model option[value="{WHISPER_ID}"]', state="attached")
         async with s.app[slot_key].acquire_or_busy("asr", "some-model", "held-by-test"):
-            await page.wait_for_selector('#slot-state:has-text("held-by-test")', timeout=5_000)
+            await page.wait_for_selector('#slot-state:has-text("held-by-test")', timeout=15_000)
             await page.set_input_files("#asr-file", str(wav))
             await page.select_option("#asr-model", WHISPER_ID)
             await page.click("#asr-submit")
             error = page.locator("#asr-error")
-            await error.wait_for(state="visible", timeout=10_000)
+            await error.wait_for(state="visible", timeout=20_000)
             assert await error.locator("strong").inner_text() == "Busy — try again in 5 s"
             message = await error.inner_text()
             assert "held-by-test" in message and "one inference at a time" in message
@@ -296,7 +296,7 @@ async def test_chat_with_an_ollama_model(admin_session, ollama):
         await page.fill("#chat-input", "Say something about foxes.")
         await page.click("#chat-submit")
         reply = page.locator("#chat-log .assistant")
-        await reply.wait_for(timeout=10_000)
+        await reply.wait_for(timeout=20_000)
         assert await reply.inner_text() == "".join(WORDS[i % len(WORDS)] for i in range(ollama.reply_tokens))
         assert await page.locator("#chat-log .user").inner_text() == "Say something about foxes."
         await s.shot("chat")

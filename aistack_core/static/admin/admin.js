@@ -177,6 +177,13 @@ function slotText(slot) {
   return `${slot.capability} · ${slot.model} · request ${slot.request_id} · ${duration(slot.held_s)}`;
 }
 
+// After the page's own request: now, and once more when the gateway has recorded it
+// (it writes the outcome after the answer has gone out).
+function refreshSoon() {
+  Promise.all([refreshStatus(), refreshDetails()]).catch(() => {});
+  setTimeout(() => refreshDetails().catch(() => {}), 400);
+}
+
 async function refreshStatus() {
   const status = await getJson("/admin/api/status");
   $("status-version").textContent = "v" + status.version;
@@ -483,7 +490,7 @@ async function transcribe(event) {
   } finally {
     button.disabled = false;
     button.textContent = "Transcribe";
-    Promise.all([refreshStatus(), refreshDetails()]).catch(() => {});
+    refreshSoon();
   }
 }
 
@@ -567,7 +574,7 @@ async function speak(event) {
   } finally {
     button.disabled = false;
     button.textContent = "Speak";
-    Promise.all([refreshStatus(), refreshDetails()]).catch(() => {});
+    refreshSoon();
   }
 }
 
