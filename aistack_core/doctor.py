@@ -106,7 +106,7 @@ def check_plugins(plugins: PluginSet, registry: Registry) -> list[DoctorCheck]:
             checks.append(DoctorCheck(name, "warn", f"skipped: {item['error']}", item.get("install_hint")))
     if not (registry.asr or registry.tts or registry.upstreams):
         checks.append(DoctorCheck("backends", "fail", "no plugin registered anything: the gateway would serve no model",
-                                  f"pip install -e '.[default]' (see the extras above)"))
+                                  "pip install -e '.[default]' (see the extras above)"))
     elif not registry.asr:
         checks.append(DoctorCheck("backends", "warn", "no in-process speech-to-text backend is registered",
                                   "install an extra that provides one (see the extras above)"))

@@ -18,6 +18,7 @@ from typing import AsyncIterator
 import attrs
 import numpy as np
 import pytest
+import pytest_asyncio
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed (the test extra)")
 
@@ -42,7 +43,11 @@ def chromium_path() -> str | None:
 
 
 CHROMIUM = chromium_path()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (apt-get install -y chromium)")
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (apt-get install -y chromium)"),
+    # One event loop for the module, so one Chromium serves every test (each gets its own context).
+    pytest.mark.asyncio(loop_scope="module"),
+]
 
 WHISPER_ID = "whisper-tiny.en"
 PIPER_ID = "piper-en_US-joe-medium"
@@ -68,7 +73,7 @@ class Session:
         return path
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def ollama():
     emulator = OllamaEmulator()
     async with emulator.running():
@@ -83,12 +88,33 @@ BROWSER_ARGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def microphone_wav(tmp_path_factory) -> tuple[Path, float]:
+    """What Chromium's fake microphone plays, in a loop: speech between one-second silences."""
+    pcm, rate = helpers.synthesize_pcm(MIC_SENTENCE)
+    silence = np.zeros(rate, dtype=np.int16)
+    wav = helpers.write_wav(tmp_path_factory.mktemp("mic") / "mic.wav", np.concatenate([silence, pcm, silence]), rate)
+    return wav, (len(pcm) + 2 * rate) / rate
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser(microphone_wav):
+    async with playwright_api.async_playwright() as driver:
+        instance = await driver.chromium.launch(
+            executable_path=CHROMIUM, args=[*BROWSER_ARGS, f"--use-file-for-fake-audio-capture={microphone_wav[0]}"],
+        )
+        try:
+            yield instance
+        finally:
+            await instance.close()
+
+
 @pytest.fixture
-def admin_session(base_config, plugin_set, ollama, tmp_path):
+def admin_session(browser, base_config, plugin_set, ollama, tmp_path):
     """``async with admin_session(**config) as s``: the gateway served, a browser page open on /admin."""
 
     @contextlib.asynccontextmanager
-    async def open_session(browser_args: tuple[str, ...] = (), **overrides) -> AsyncIterator[Session]:
+    async def open_session(**overrides) -> AsyncIterator[Session]:
         plugin_set.register(aistack_plugins.faster_whisper, name="faster_whisper")
         plugin_set.register(aistack_plugins.piper, name="piper")
         plugin_set.register(aistack_plugins.ollama, name="ollama")
@@ -100,8 +126,7 @@ def admin_session(base_config, plugin_set, ollama, tmp_path):
         base_config.upload_dir.mkdir(parents=True, exist_ok=True)
         config = attrs.evolve(base_config, ollama_url=ollama.url, **overrides)
         app = create_app(config, plugins=plugin_set)
-        async with serve(app) as url, playwright_api.async_playwright() as driver:
-            browser = await driver.chromium.launch(executable_path=CHROMIUM, args=[*BROWSER_ARGS, *browser_args])
+        async with serve(app) as url:
             context = await browser.new_context(viewport={"width": 1280, "height": 900})
             page = await context.new_page()
             errors: list[str] = []
@@ -114,7 +139,6 @@ def admin_session(base_config, plugin_set, ollama, tmp_path):
                 yield Session(page, url, app, errors, screens)
             finally:
                 await context.close()
-                await browser.close()
 
     return open_session
 
@@ -174,13 +198,9 @@ async def test_uploaded_speech_is_transcribed_on_the_page(admin_session, tmp_pat
         assert s.console_errors == []
 
 
-async def test_recording_from_the_microphone_is_transcribed(admin_session, tmp_path):
-    # Chromium's fake microphone plays this file (in a loop) to getUserMedia.
-    pcm, rate = helpers.synthesize_pcm(MIC_SENTENCE)
-    silence = np.zeros(rate, dtype=np.int16)
-    wav = helpers.write_wav(tmp_path / "mic.wav", np.concatenate([silence, pcm, silence]), rate)
-    clip_s = (len(pcm) + 2 * rate) / rate
-    async with admin_session(browser_args=(f"--use-file-for-fake-audio-capture={wav}",)) as s:
+async def test_recording_from_the_microphone_is_transcribed(admin_session, microphone_wav):
+    _, clip_s = microphone_wav
+    async with admin_session() as s:
         page = s.page
         await page.wait_for_selector(f'#asr-model option[value="{WHISPER_ID}"]', state="attached")
         await page.select_option("#asr-model", WHISPER_ID)
