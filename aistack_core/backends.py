@@ -251,7 +251,7 @@ CHECK_STATUSES = ("ok", "warn", "fail")
 class DoctorCheck:
     """One finding of ``aistack doctor``.
 
-    ``name`` says what was checked ("CTranslate2 GPU"), ``detail`` what was
+    ``name`` says what was checked ("GPU visible to the library"), ``detail`` what was
     found, and ``fix``, for a ``warn`` or ``fail``, the command or setting
     that mends it.
     """

@@ -4,7 +4,7 @@ The core checks what it knows without naming a backend: which extras of the
 aistack distribution are installed, what each plugin loaded or why it was
 skipped, whether each registered upstream answers its probe, whether the
 directories the server writes to are writable, free disk and memory.
-Everything backend-specific (does CTranslate2 see a GPU, is a voice file
+Everything backend-specific (does the backend's library see a GPU, is a model file
 there) comes from the plugins' ``doctor_checks`` hook.
 
 A check is ``ok``, ``warn`` (worth knowing; the server works) or ``fail``
