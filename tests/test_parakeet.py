@@ -239,7 +239,7 @@ async def test_every_response_format(client, pieces, tmp_path):
         "/v1/audio/transcriptions", data=form(wav, model="parakeet", response_format=fmt, **extra)
     )
     text = "Hello world. How are you? Hello world. How are you? Hello world. How are"
-    assert await (await post("json")).json() == {"text": text}
+    assert await (await post("json")).json() == {"text": text, "usage": {"type": "duration", "seconds": 3.0}}
 
     verbose = await (await post("verbose_json", language="fr")).json()
     assert (verbose["task"], verbose["language"], verbose["duration"], verbose["text"]) == ("transcribe", "fr", 3.0, text)
@@ -291,7 +291,7 @@ async def test_subtitle_cues_join_short_sentences(client, pieces, tmp_path):
 async def test_stream_request_gets_warning_then_one_delta(client, pieces, tmp_path):
     wav = noise_wav(tmp_path / "two.wav", 2.0)
     response = await client.post(
-        "/v1/audio/transcriptions", data=form(wav, model="parakeet", stream="true", language="en")
+        "/v1/audio/transcriptions", data=form(wav, model="parakeet", stream="true", language="en", **{"timestamp_granularities[]": "word"})
     )
     assert response.status == 200 and response.content_type == "text/event-stream"
     events = await sse_events(response)
@@ -354,8 +354,8 @@ async def test_disconnect_stops_decoding_and_frees_the_slot(make_client, base_co
     deadline = time.monotonic() + 30
     while loaded is None or loaded.windows_decoded < 2:
         assert time.monotonic() < deadline and (stream or not call.done())
-        if MODEL_ID in app[model_cache_key]:
-            async with app[model_cache_key].use(MODEL_ID, "asr", backend.load) as model:
+        if ("asr", MODEL_ID) in app[model_cache_key]:
+            async with app[model_cache_key].use(("asr", MODEL_ID), "asr", backend.load) as model:
                 loaded = model
         await asyncio.sleep(0.02)
     hang_up()

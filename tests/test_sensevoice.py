@@ -212,7 +212,7 @@ async def test_every_response_format(client, two_stretches):
     post = lambda fmt, **extra: client.post(  # noqa: E731
         "/v1/audio/transcriptions", data=form(two_stretches, model="sensevoice", response_format=fmt, **extra)
     )
-    assert await (await post("json")).json() == {"text": "hello world world"}
+    assert await (await post("json")).json() == {"text": "hello world world", "usage": {"type": "duration", "seconds": 5.3}}
 
     verbose = await (await post("verbose_json")).json()
     assert (verbose["language"], verbose["duration"], verbose["text"]) == ("en", 5.3, "hello world world")
@@ -240,10 +240,11 @@ async def test_streams_one_delta_per_speech_stretch(client, two_stretches):
     assert response.status == 200 and response.content_type == "text/event-stream"
     events = await sse_events(response)
     assert [e["type"] for e in events] == ["transcript.text.delta"] * 2 + ["transcript.text.done"]
-    assert [e["delta"] for e in events[:2]] == ["hello world", "world"]
+    # Concatenated as sent, the deltas read as the final text.
+    assert [e["delta"] for e in events[:2]] == ["hello world", " world"]
     for event in events[:2]:
         segment = event["segment"]
-        assert segment["start"] < segment["end"] and segment["words"] == []
+        assert segment["start"] < segment["end"] and "words" not in segment
         assert (segment["language"], segment["emotion"], segment["event"]) == ("en", "neutral", "speech")
     assert events[0]["segment"]["end"] < events[1]["segment"]["start"]
     assert events[2]["text"] == "hello world world" and events[2]["language"] == "en" and events[2]["duration"] == 5.3
@@ -268,7 +269,7 @@ async def test_disconnect_mid_stream_stops_decoding_and_frees_the_slot(client, t
     while not slot.is_free and time.monotonic() - hung_up < 5:
         await asyncio.sleep(0.02)
     assert slot.is_free and time.monotonic() - hung_up < 1.0
-    async with app[model_cache_key].use(MODEL_ID, "asr", lambda: None) as loaded:
+    async with app[model_cache_key].use(("asr", MODEL_ID), "asr", lambda: None) as loaded:
         # The worker stops too, after at most the stretch it was decoding.
         decoded = loaded.stretches_decoded
         await asyncio.sleep(0.5)

@@ -93,8 +93,8 @@ async def test_client_errors(tts_client):
         ({"speed": 0.1}, 400, "malformed", "speed"),
         ({"speed": "fast"}, 400, "malformed", "speed"),
         ({"response_format": "ogg"}, 400, "malformed", "response_format"),
-        ({"ref_audio": "data:audio/wav;base64,AAAA"}, 400, "malformed", "Base"),
-        ({"speaker_wav": "/tmp/me.wav"}, 400, "malformed", "Qwen3-TTS"),
+        ({"ref_audio": "data:audio/wav;base64,AAAA"}, 400, "malformed", "clone"),
+        ({"speaker_wav": "/tmp/me.wav"}, 400, "malformed", "clone"),
     ]
     for fields, status, kind, needle in cases:
         response = await speak(tts_client, **fields)
