@@ -20,6 +20,8 @@ from .backends import (  # noqa: E402
     TtsBackend,
     Upstream,
     Word,
+    runs_on_this_machine,
+    upstream_urls,
 )
 from .config import Config  # noqa: E402
 from .errors import (  # noqa: E402
@@ -38,5 +40,6 @@ __all__ = [
     "__version__", "hookimpl", "Config",
     "AsrBackend", "AudioInput", "CancelToken", "DoctorCheck", "ModelCard", "Segment", "SpeechOptions",
     "Transcription", "TranscriptionOptions", "TtsBackend", "Upstream", "Word",
+    "runs_on_this_machine", "upstream_urls",
     "AistackError", "BadGateway", "Cancelled", "GatewayTimeout", "Malformed", "Network", "Overflow", "Unknown",
 ]

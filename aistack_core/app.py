@@ -20,13 +20,14 @@ from .context import (
     upstream_sessions_key,
 )
 from .errors import error_middleware
+from .load import InFlight, count_in_flight, in_flight_key
 from .model_cache import ModelCache
 from .observe import middleware as observe
 from .plugins import PluginSet, load_plugins
 from .registry import Registry
 from .routes import admin, audio_proxy, chat, health, metrics, models, speech, transcriptions
 from .slot import GpuSlot
-from .upstreams import UpstreamProbes, probes_key
+from .upstreams import UpstreamProbes, probes_key, recheck_down_replicas
 
 log = logging.getLogger("aistack.app")
 
@@ -86,7 +87,9 @@ def create_app(config: Config | None = None, *, plugins: PluginSet | None = None
     # Outside in: request id and recording, the envelope, then (inside the
     # envelope, so their refusals are envelopes too) CORS preflights and the key.
     app = web.Application(
-        middlewares=[observe.observe_middleware, error_middleware, *security.middlewares(config, cors)],
+        middlewares=[
+            observe.observe_middleware, count_in_flight, error_middleware, *security.middlewares(config, cors)
+        ],
         # Bodies are read by forms.py, which sets each route's own limit.
         client_max_size=1 << 40,
     )
@@ -94,9 +97,11 @@ def create_app(config: Config | None = None, *, plugins: PluginSet | None = None
     app[plugins_key] = plugins
     app[registry_key] = registry
     app[slot_key] = GpuSlot(wait_s=config.slot_wait_s)
+    app[in_flight_key] = InFlight()
     app[model_cache_key] = ModelCache(keep_alive_s=config.model_keep_alive_s, min_free_mb=config.min_free_ram_mb)
     app[probes_key] = UpstreamProbes(timeout_s=config.probe_timeout_s, cache_s=config.probe_cache_s)
     app.cleanup_ctx.append(_upstream_sessions)
+    app.cleanup_ctx.append(recheck_down_replicas)  # needs the sessions above
     app.cleanup_ctx.append(_model_cache_sweeper)
 
     observe.setup(app, config)

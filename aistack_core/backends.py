@@ -7,11 +7,14 @@ below.  The core calls them; they never see HTTP.  Blocking methods
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import attrs
+from yarl import URL
 
 from .errors import Cancelled
 
@@ -202,30 +205,70 @@ class TtsBackend(Protocol):
 
 # --- upstream proxies ---------------------------------------------------------
 
-ModelProbe = Callable[["aiohttp.ClientSession"], Awaitable[list[ModelCard]]]
+# ``probe(session, base_url)``: what the upstream at ``base_url`` serves now.
+ModelProbe = Callable[["aiohttp.ClientSession", str], Awaitable[list[ModelCard]]]
 JsonRewrite = Callable[[dict[str, Any]], dict[str, Any]]
+
+_THIS_MACHINE_NAMES = frozenset({"localhost", "host.docker.internal", "0.0.0.0", "::"})
+
+
+def upstream_urls(value: "str | Iterable[str]") -> tuple[str, ...]:
+    """One URL, several comma-separated ones, or an iterable of them, as a tuple without trailing slashes."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    urls = tuple(part.strip().rstrip("/") for part in parts if part.strip())
+    if not urls:
+        raise ValueError("an upstream needs at least one URL")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
+    return urls
+
+
+def runs_on_this_machine(url: str) -> bool:
+    """Whether ``url`` names this machine: loopback, ``localhost``, Docker's host alias, our host name.
+
+    Only what needs no DNS lookup is recognised; an upstream on this machine
+    reached through a LAN address has to be declared local by its plugin's
+    settings.
+    """
+    host = (URL(url).host or "").strip("[]").lower()
+    if host in _THIS_MACHINE_NAMES or host.endswith(".localhost") or host == socket.gethostname().lower():
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @attrs.frozen
 class Upstream:
-    """An HTTP service the gateway forwards to (Qwen3-TTS, Ollama).
+    """An HTTP service the gateway forwards to (Qwen3-TTS, Ollama, an OpenAI-compatible engine).
 
-    ``routes`` are the gateway paths it serves (a trailing ``*`` matches a
-    prefix).  ``probe`` lists what it can serve now; it is called with a
-    short deadline and may raise or hang, which simply hides its models.
-    ``unreachable_hint`` is the 503 message when nothing listens.
-    ``rewrite_json`` may adjust a JSON request body before it is sent.
-    ``timeout_status`` is what a read timeout before the answer's headers
-    becomes: 504 for an upstream that is merely slow to answer, 502 where
-    the upstream's own contract treats every transport failure as a bad
-    gateway (Qwen3-TTS).  ``headers`` are added to every request sent
-    upstream; ``uses_local_gpu`` says whether its work runs on this machine's
-    GPUs (and so takes the slot).
+    ``base_url`` is one URL, or several replicas of the same service (a
+    comma-separated string or a tuple); they are kept as ``urls``.  Requests
+    go to the first replica not known to be down; one that refused a
+    connection or failed its probe is skipped until its probe answers again
+    (upstreams.py).  ``routes`` are the gateway paths it serves (a trailing
+    ``*`` matches a prefix).  ``probe(session, base_url)`` lists what one
+    replica can serve now; it is called with a short deadline and may raise
+    or hang, which simply hides its models.  ``unreachable_hint`` is the 503
+    message when nothing listens.  ``rewrite_json`` may adjust a JSON
+    request body before it is sent.  ``timeout_status`` is what a read
+    timeout before the answer's headers becomes: 504 for an upstream that is
+    merely slow to answer, 502 where the upstream's own contract treats every
+    transport failure as a bad gateway (Qwen3-TTS).  ``headers`` are added to
+    every request sent upstream; ``uses_local_gpu`` says whether its work
+    runs on this machine's GPUs (and so takes the slot).
+
+    When several upstreams share a capability, a request goes to the one
+    whose probe lists its ``model``; a model nobody lists goes to the first
+    ``catch_all`` upstream, whose own answer then tells the client what it
+    has.  An upstream that serves only what it lists sets ``catch_all`` False.
     """
 
     name: str
     capability: str
-    base_url: str
+    urls: tuple[str, ...] = attrs.field(alias="base_url", converter=upstream_urls)
     provider: str
     routes: tuple[str, ...]
     probe: ModelProbe
@@ -237,9 +280,15 @@ class Upstream:
     timeout_status: int = 504
     # Headers the upstream itself needs (its own API key, from the plugin's
     # settings); the client's credentials for the gateway are never forwarded.
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
     # False for an engine on another machine: its work does not take a local GPU slot.
     uses_local_gpu: bool = True
+    catch_all: bool = True
+
+    @property
+    def base_url(self) -> str:
+        """The first replica: the one named where the upstream as a whole is meant."""
+        return self.urls[0]
 
 
 # --- aistack doctor -------------------------------------------------------------

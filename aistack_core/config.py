@@ -113,6 +113,16 @@ class Config:
         except ValueError:
             raise ValueError(f"{name}: expected a number, got {value!r}") from None
 
+    def env_flag(self, name: str, default: bool | None) -> bool | None:
+        """A plugin's own on/off setting from the environment snapshot (unset: ``default``)."""
+        value = self.env.get(name)
+        if value is None or not value.strip():
+            return default
+        try:
+            return _flag(value, False)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Config":
         env = dict(os.environ if environ is None else environ)

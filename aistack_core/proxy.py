@@ -18,6 +18,8 @@ What the proxy adds is only what a gateway must own:
   upstream (an upstream that needs a key gets its own from its plugin), and
   the upstream's CORS and cookie headers never reach the client — the
   gateway's CORS policy alone speaks to browsers;
+* replicas: an upstream with several URLs is reached at the first one that
+  accepts the connection (upstreams.py knows which are down);
 * client disconnect: :func:`relay` runs the trip inside the inference
   context, whose watcher cancels the upstream call as soon as the client
   goes away, which frees the GPU slot and lets the upstream abort its
@@ -44,6 +46,7 @@ from .forms import send_continue
 from .inference import client_gone, inference
 from .observe.capture import upstream_body
 from .observe.record import RequestInfo, request_info
+from .upstreams import probes_key
 
 log = logging.getLogger("aistack.proxy")
 
@@ -178,34 +181,77 @@ def checked_target(raw_target: str, upstream: Upstream) -> str:
     return raw_target
 
 
-def upstream_url(upstream: Upstream, target: str) -> URL:
+def upstream_url(base_url: str, target: str) -> URL:
     # encoded=True: the target is already in wire form and must not be re-quoted.
-    return URL(upstream.base_url.rstrip("/") + target, encoded=True)
+    return URL(base_url.rstrip("/") + target, encoded=True)
+
+
+# --- replicas -------------------------------------------------------------------
+
+
+def _refused(exc: BaseException) -> bool:
+    """A failure to connect: nothing was sent, so another replica may be tried with the same body."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+
+
+class _TripFailed(Exception):
+    """A failure of the trip and the replica it happened at."""
+
+    def __init__(self, cause: BaseException, base_url: str) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.base_url = base_url
+
+
+async def _connect_first_reachable(request: web.Request, upstream: Upstream, target: str, connect):
+    """``await connect(base_url)`` on each replica in turn until one connects.
+
+    A replica that refuses (or times out connecting) is marked down and the
+    next one is tried; any other failure, or the last refusal, raises
+    :class:`_TripFailed`.
+    """
+    probes = request.app[probes_key]
+    candidates = probes.candidates(upstream)
+    for position, base_url in enumerate(candidates):
+        try:
+            connected = await connect(base_url)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if _refused(exc):
+                probes.mark_down(upstream, base_url, f"{type(exc).__name__}: {exc}")
+                if position + 1 < len(candidates):
+                    log.info("%s -> %s at %s refused; trying %s", target, upstream.name, base_url,
+                             candidates[position + 1])
+                    continue
+            raise _TripFailed(exc, base_url) from exc
+        probes.mark_up(upstream, base_url)
+        return connected
+    raise AssertionError("an upstream always has at least one URL")
 
 
 # --- HTTP -----------------------------------------------------------------------
 
 
-def _trip_error(exc: BaseException, upstream: Upstream) -> AistackError:
+def _trip_error(exc: BaseException, upstream: Upstream, base_url: str) -> AistackError:
     """A failure before the upstream's answer started, as an envelope error."""
     cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
-    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-        return Network(f"{upstream.unreachable_hint} ({cause})")
+    if _refused(exc):
+        tried = f"; every replica ({', '.join(upstream.urls)}) refused" if len(upstream.urls) > 1 else ""
+        return Network(f"{upstream.unreachable_hint} ({cause}{tried})")
     if isinstance(exc, asyncio.TimeoutError):
         message = (
-            f"{upstream.provider} did not answer within {upstream.read_timeout:g} s at {upstream.base_url} "
+            f"{upstream.provider} did not answer within {upstream.read_timeout:g} s at {base_url} "
             f"({cause})."
         )
         error_class = GatewayTimeout if upstream.timeout_status == 504 else BadGateway
         return error_class(message, provider=upstream.provider, status=upstream.timeout_status)
     if isinstance(exc, aiohttp.ClientResponseError):
         return BadGateway(
-            f"{upstream.provider} at {upstream.base_url} answered with something that is not valid HTTP "
+            f"{upstream.provider} at {base_url} answered with something that is not valid HTTP "
             f"({cause}).",
             provider=upstream.provider,
         )
     return BadGateway(
-        f"The connection to {upstream.provider} at {upstream.base_url} failed before it answered ({cause}).",
+        f"The connection to {upstream.provider} at {base_url} failed before it answered ({cause}).",
         provider=upstream.provider,
     )
 
@@ -271,16 +317,20 @@ async def forward(
     relayed = 0
     finished = False
     try:
-        try:
-            upstream_response = await session.request(
+        def send(base_url: str):
+            return session.request(
                 request.method,
-                upstream_url(upstream, target),
+                upstream_url(base_url, target),
                 headers=headers,
                 data=data,
                 skip_auto_headers=_auto_headers_to_skip(headers),
                 allow_redirects=False,
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+
+        try:
+            upstream_response = await _connect_first_reachable(request, upstream, target, send)
+        except _TripFailed as failed:
+            exc = failed.cause
             if client_gone(request):
                 raise _note_client_left(info, "while sending the request upstream") from None
             if request.content.exception() is not None:  # the client's body broke, not the upstream
@@ -288,7 +338,7 @@ async def forward(
                     f"The request body could not be read to forward it ({type(exc).__name__}).",
                     code="invalid_body",
                 ) from None
-            error = _trip_error(exc, upstream)
+            error = _trip_error(exc, upstream, failed.base_url)
             log.warning("%s %s -> %s failed: %s", request.method, target, upstream.name, error.message)
             raise error from None
 
@@ -410,22 +460,27 @@ async def forward_websocket(
     protocols = [
         token.strip() for token in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if token.strip()
     ]
-    try:
-        upstream_ws = await session.ws_connect(
-            upstream_url(upstream, target),
+
+    def open_websocket(base_url: str):
+        return session.ws_connect(
+            upstream_url(base_url, target),
             headers=headers,
             protocols=protocols,
             max_msg_size=WEBSOCKET_MAX_MESSAGE,
             heartbeat=config.ws_heartbeat_s or None,
         )
-    except aiohttp.WSServerHandshakeError as exc:
-        raise BadGateway(
-            f"{upstream.provider} refused the WebSocket upgrade on {target.partition('?')[0]} "
-            f"(status {exc.status}: {exc.message}).",
-            provider=upstream.provider,
-        ) from None
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        error = _trip_error(exc, upstream)
+
+    try:
+        upstream_ws = await _connect_first_reachable(request, upstream, target, open_websocket)
+    except _TripFailed as failed:
+        exc = failed.cause
+        if isinstance(exc, aiohttp.WSServerHandshakeError):
+            raise BadGateway(
+                f"{upstream.provider} refused the WebSocket upgrade on {target.partition('?')[0]} "
+                f"(status {exc.status}: {exc.message}).",
+                provider=upstream.provider,
+            ) from None
+        error = _trip_error(exc, upstream, failed.base_url)
         log.warning("WebSocket %s -> %s failed: %s", target, upstream.name, error.message)
         raise error from None
 

@@ -248,7 +248,10 @@ class Registry:
         return self.find("tts", name) if name else None
 
     def upstream_for(self, capability: str) -> Registered | None:
-        for entry in self.upstreams.values():
-            if entry.backend.capability == capability:
-                return entry
-        return None
+        """The first upstream of ``capability`` (the one that serves when model ids do not choose)."""
+        entries = self.upstreams_for(capability)
+        return entries[0] if entries else None
+
+    def upstreams_for(self, capability: str) -> list[Registered]:
+        """Every upstream of ``capability``, in pluggy's order (upstreams.py routes a model among them)."""
+        return [entry for entry in self.upstreams.values() if entry.backend.capability == capability]

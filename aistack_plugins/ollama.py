@@ -6,18 +6,20 @@ gateway behaviours live here as data the core applies: resident ASR models
 are evicted first (so Ollama can load into the freed GPU memory), and
 ``keep_alive`` defaults to 30 s so an idle Ollama gives the memory back.
 
-Settings beyond the URL, read from ``config.env``:
+``AISTACK_OLLAMA_URL`` may name several daemons, comma-separated; requests
+go to the first one that is reachable.  Settings beyond the URL, read from
+``config.env``:
 ``AISTACK_OLLAMA_CONNECT_TIMEOUT_S`` (default 5),
 ``AISTACK_OLLAMA_READ_TIMEOUT_S`` (default 600).
 """
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import aiohttp
 
-from aistack_core import Config, ModelCard, Upstream, hookimpl
+from aistack_core import Config, ModelCard, Upstream, hookimpl, runs_on_this_machine, upstream_urls
 
 PROVIDER = "Ollama"
 DEFAULT_KEEP_ALIVE = "30s"
@@ -55,17 +57,12 @@ def cards_from_tags(payload: dict[str, Any]) -> list[ModelCard]:
     return cards
 
 
-def make_probe(base_url: str) -> Callable[[aiohttp.ClientSession], Awaitable[list[ModelCard]]]:
-    tags_url = base_url.rstrip("/") + "/api/tags"
-
-    async def probe(session: aiohttp.ClientSession) -> list[ModelCard]:
-        # Proxy sessions do not decompress, so ask for an uncompressed answer.
-        async with session.get(tags_url, headers={"Accept-Encoding": "identity"}) as response:
-            if response.status != 200:
-                return []
-            return cards_from_tags(await response.json(content_type=None))
-
-    return probe
+async def probe(session: aiohttp.ClientSession, base_url: str) -> list[ModelCard]:
+    # Proxy sessions do not decompress, so ask for an uncompressed answer.
+    async with session.get(base_url + "/api/tags", headers={"Accept-Encoding": "identity"}) as response:
+        if response.status != 200:
+            return []
+        return cards_from_tags(await response.json(content_type=None))
 
 
 def default_keep_alive(body: dict[str, Any]) -> dict[str, Any]:
@@ -80,16 +77,18 @@ def default_keep_alive(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_upstream(config: Config) -> Upstream:
-    base_url = config.ollama_url.rstrip("/")
+    # AISTACK_OLLAMA_URL may list several daemons (comma-separated): the core
+    # sends each request to the first reachable one.
+    urls = upstream_urls(config.ollama_url)
     return Upstream(
         name="ollama",
         capability="llm",
-        base_url=base_url,
+        base_url=urls,
         provider=PROVIDER,
         routes=("/v1/chat/completions", "/v1/embeddings"),
-        probe=make_probe(base_url),
+        probe=probe,
         unreachable_hint=(
-            f"Ollama is not reachable at {base_url}. Start it with: ollama serve "
+            f"Ollama is not reachable at {', '.join(urls)}. Start it with: ollama serve "
             f"(or point AISTACK_OLLAMA_URL at where it runs)"
         ),
         connect_timeout=config.env_float("AISTACK_OLLAMA_CONNECT_TIMEOUT_S", 5.0),
@@ -97,6 +96,8 @@ def make_upstream(config: Config) -> Upstream:
         rewrite_json=default_keep_alive,
         evict_before=("asr",),
         timeout_status=504,
+        # An Ollama on another machine computes there: no local slot, nothing to evict here.
+        uses_local_gpu=any(runs_on_this_machine(url) for url in urls),
     )
 
 

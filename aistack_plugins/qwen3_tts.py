@@ -2,7 +2,8 @@
 
 The gateway passes ``/v1/audio/*`` through to the container unchanged (the
 core's ``tts.py`` decides which requests go there); this plugin only says
-where the container lives, how long to wait for it, and how to tell whether
+where the container lives (``AISTACK_QWEN3_TTS_URL``: one URL, or several
+comma-separated replicas), how long to wait for it, and how to tell whether
 it is up.  Settings beyond the URL are read from ``config.env``:
 
 ``AISTACK_QWEN3_TTS_CONNECT_TIMEOUT_S`` (default 5)
@@ -12,11 +13,11 @@ the container starts compiles for one to two and a half minutes).
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from typing import Callable
 
 import aiohttp
 
-from aistack_core import Config, ModelCard, Upstream, hookimpl
+from aistack_core import Config, ModelCard, Upstream, hookimpl, runs_on_this_machine, upstream_urls
 
 MODEL_ID = "qwen3-tts-12hz-0.6b-customvoice"
 PROVIDER = "Qwen3-TTS"
@@ -31,35 +32,33 @@ CARD = ModelCard(
 )
 
 
-def make_probe(base_url: str) -> Callable[[aiohttp.ClientSession], Awaitable[list[ModelCard]]]:
-    health_url = base_url.rstrip("/") + "/health"
-
-    async def probe(session: aiohttp.ClientSession) -> list[ModelCard]:
-        # vLLM answers 200 on /health once the engine is up (before that the
-        # port is closed or the engine reports an error status).
-        async with session.get(health_url) as response:
-            return [CARD] if response.status == 200 else []
-
-    return probe
+async def probe(session: aiohttp.ClientSession, base_url: str) -> list[ModelCard]:
+    # vLLM answers 200 on /health once the engine is up (before that the
+    # port is closed or the engine reports an error status).
+    async with session.get(base_url + "/health") as response:
+        return [CARD] if response.status == 200 else []
 
 
 def make_upstream(config: Config) -> Upstream:
-    base_url = config.qwen3_tts_url.rstrip("/")
+    # AISTACK_QWEN3_TTS_URL may list several containers (comma-separated):
+    # the core sends each request to the first reachable one.
+    urls = upstream_urls(config.qwen3_tts_url)
     return Upstream(
         name="qwen3-tts",
         capability="tts",
-        base_url=base_url,
+        base_url=urls,
         provider=PROVIDER,
         routes=("/v1/audio/*",),
-        probe=make_probe(base_url),
+        probe=probe,
         unreachable_hint=(
-            f"Qwen3-TTS container is not reachable at {base_url}. "
+            f"Qwen3-TTS container is not reachable at {', '.join(urls)}. "
             f"Start it with: docker compose -f {COMPOSE_FILE} up -d"
         ),
         connect_timeout=config.env_float("AISTACK_QWEN3_TTS_CONNECT_TIMEOUT_S", 5.0),
         read_timeout=config.env_float("AISTACK_QWEN3_TTS_READ_TIMEOUT_S", 600.0),
         # The TTS contract: anything but "nothing listens" is a bad gateway.
         timeout_status=502,
+        uses_local_gpu=any(runs_on_this_machine(url) for url in urls),
     )
 
 

@@ -1,8 +1,10 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/embeddings``: the LLM proxy.
+"""``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``: the LLM proxy.
 
 The body is checked just enough to give a useful 400 for what is plainly
-not a chat (or embeddings) request; everything else is the upstream's to
-judge, and its own errors reach the client untouched.  The gateway adds
+not a chat (or completion, or embeddings) request; everything else is the
+upstream's to judge, and its own errors reach the client untouched.  With
+several LLM upstreams the request's ``model`` picks one (upstreams.py);
+the slot is held only for an upstream on this machine.  The gateway adds
 three things: the GPU slot is held for the whole call (streamed answers
 included), the upstream's ``evict_before`` model-cache categories are
 dropped first (only when the upstream answers: a request that cannot reach
@@ -19,7 +21,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .. import proxy
-from ..context import model_cache_key, registry_key
+from ..context import model_cache_key
 from ..errors import Malformed, Network
 from ..forms import Field, defer_continue, read_form
 from ..observe.record import request_info
@@ -32,6 +34,7 @@ NO_BACKEND = (
 )
 
 CHAT_FIELDS = (Field("model", "str"), Field("messages", "json"), Field("stream", "bool", default=False))
+COMPLETION_FIELDS = (Field("model", "str"), Field("prompt", "json"), Field("stream", "bool", default=False))
 EMBEDDING_FIELDS = (Field("model", "str"), Field("input", "json"))
 
 
@@ -40,13 +43,18 @@ def _check_chat(form) -> None:
         raise Malformed("A chat request needs 'messages': a list of {role, content} objects.", param="messages")
 
 
+def _check_completion(form) -> None:
+    if form["prompt"] is None:
+        raise Malformed("A completion request needs 'prompt': a string or a list of strings.", param="prompt")
+
+
 def _check_embeddings(form) -> None:
     if form["input"] is None:
         raise Malformed("An embeddings request needs 'input': a string or a list of strings.", param="input")
 
 
-def _chat_upstream(request: web.Request) -> Registered:
-    entry = request.app[registry_key].upstream_for("llm")
+async def _chat_upstream(request: web.Request, model: str) -> Registered:
+    entry = await request.app[probes_key].pick(request.app, "llm", model)
     if entry is None:
         raise Network(NO_BACKEND, code="no_backend")
     return entry
@@ -81,7 +89,7 @@ async def _proxy_json(request: web.Request, fields, check: Callable) -> web.Stre
     info.requested_model = model
     info.stream = form.get("stream")
 
-    entry = _chat_upstream(request)
+    entry = await _chat_upstream(request, model)
     upstream = entry.backend
     body = _outgoing_body(form.raw, form.raw_values, upstream.rewrite_json)
 
@@ -89,7 +97,7 @@ async def _proxy_json(request: web.Request, fields, check: Callable) -> web.Stre
         # Once the slot is ours, and only for an upstream that answers its probe.
         reachable = await request.app[probes_key].reachable(request.app, upstream.name)
         info.model = _listed_model(request, upstream.name, model)  # a label only if the upstream lists it
-        if reachable:
+        if reachable and upstream.uses_local_gpu:  # an engine elsewhere needs no room here
             cache = request.app[model_cache_key]
             for category in upstream.evict_before:
                 cache.evict(category)
@@ -101,10 +109,15 @@ async def post_chat_completions(request: web.Request) -> web.StreamResponse:
     return await _proxy_json(request, CHAT_FIELDS, _check_chat)
 
 
+async def post_completions(request: web.Request) -> web.StreamResponse:
+    return await _proxy_json(request, COMPLETION_FIELDS, _check_completion)
+
+
 async def post_embeddings(request: web.Request) -> web.StreamResponse:
     return await _proxy_json(request, EMBEDDING_FIELDS, _check_embeddings)
 
 
 def setup(app: web.Application) -> None:
     app.router.add_route("POST", "/v1/chat/completions", post_chat_completions, expect_handler=defer_continue)
+    app.router.add_route("POST", "/v1/completions", post_completions, expect_handler=defer_continue)
     app.router.add_route("POST", "/v1/embeddings", post_embeddings, expect_handler=defer_continue)

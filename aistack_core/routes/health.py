@@ -1,15 +1,34 @@
-"""Liveness and plugin listing."""
+"""Liveness, load for balancers and routers, and the plugin listing."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from .. import __version__
-from ..context import plugins_key
+from ..context import config_key, plugins_key, slot_key
+from ..load import device_load, in_flight_key
 
 
 async def get_health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    """The contract's ``status`` and ``version``, plus what a load balancer or router needs.
+
+    ``routing`` has the shape other OpenAI-style speech servers report
+    (``accepts_requests``, ``load_score``): ``accepts_requests`` is false
+    while a GPU request would get 503 + Retry-After right now.  ``devices``
+    and ``in_flight`` give the detail.  It stays a liveness answer: busy is
+    not unhealthy, so ``status`` is "ok" whenever the process answers.
+    """
+    app = request.app
+    devices = device_load(app[slot_key].status())
+    free = devices.total - devices.busy
+    queues = app[config_key].slot_wait_s > 0  # a busy slot then makes requests wait instead of refusing
+    return web.json_response({
+        "status": "ok",
+        "version": __version__,
+        "routing": {"accepts_requests": free > 0 or queues, "load_score": devices.load_score},
+        "devices": {"total": devices.total, "busy": devices.busy},
+        "in_flight": app[in_flight_key].snapshot(),
+    })
 
 
 async def get_plugins(request: web.Request) -> web.Response:

@@ -53,11 +53,11 @@ def refused_url() -> str:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    """Run ``app`` on a free loopback port; yields its base URL."""
+async def serve(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    """Run ``app`` on loopback (a free port unless ``port`` is given); yields its base URL."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     host, port = runner.addresses[0][:2]
     try:
@@ -191,9 +191,9 @@ class RecordingEmulator:
         raise NotImplementedError
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator["RecordingEmulator"]:
-        """Serve the emulator on a free loopback port (``self.url``) for the ``async with``."""
-        async with serve(self.make_app()) as url:
+    async def running(self, port: int = 0) -> AsyncIterator["RecordingEmulator"]:
+        """Serve the emulator on loopback (``self.url``; a free port unless given) for the ``async with``."""
+        async with serve(self.make_app(), port) as url:
             self.url = url
             yield self
 
