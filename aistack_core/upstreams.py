@@ -182,6 +182,13 @@ class UpstreamProbes:
         entries = app[registry_key].upstreams_for(capability)
         if len(entries) <= 1:
             return entries[0] if entries else None
+        now = time.monotonic()
+        for entry in entries:
+            # A fresh listing that has the model answers at once: no waiting on
+            # the other upstreams' probes (one of them may hang).
+            known = self.last(entry.backend.name)
+            if known is not None and known.expires > now and any(card.id == model for card in known.cards):
+                return entry
         results = await asyncio.gather(*(self.probe(app, entry.backend.name) for entry in entries))
         for entry, result in zip(entries, results):
             if any(card.id == model for card in result.cards):

@@ -327,3 +327,28 @@ def test_device_load_reads_one_slot_or_a_list_of_devices():
     assert device_load({"busy": True, "capability": "asr"}) == DeviceLoad(total=1, busy=1)
     several = device_load({"devices": [{"busy": True}, {"busy": False}, {"busy": False}, {"busy": True}]})
     assert several == DeviceLoad(total=4, busy=2) and several.load_score == 0.5
+
+
+async def test_a_client_hanging_up_frees_the_gateway_behind_nginx(cluster, http, sentences_wav):
+    """nginx passes the hang-up on (proxy_ignore_client_abort stays off): the gateway stops and frees its slot."""
+    request = asyncio.create_task(transcribe(http, cluster.url, sentences_wav[4][1], "hang-up"))
+    deadline = time.monotonic() + 5
+    busy_node = None
+    while busy_node is None:
+        assert time.monotonic() < deadline, "no gateway got busy"
+        for node in cluster.nodes:
+            async with http.get(node.url + "/health") as response:
+                if (await response.json())["devices"]["busy"]:
+                    busy_node = node
+        await asyncio.sleep(0.02)
+    request.cancel()
+    hung_up_at = time.monotonic()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    while True:
+        async with http.get(busy_node.url + "/health") as response:
+            if not (await response.json())["devices"]["busy"]:
+                break
+        await asyncio.sleep(0.02)
+    # Well before the ~1.2 s the transcription would have taken to finish.
+    assert time.monotonic() - hung_up_at < 0.6

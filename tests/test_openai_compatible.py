@@ -288,3 +288,16 @@ async def test_client_leaving_mid_stream_reaches_the_engine(gateway, engines):
     received = vllm.last(CHAT)
     gone_at = await vllm.wait_client_gone(received)
     assert gone_at is not None and gone_at - left_at < 1.0
+
+
+async def test_a_hanging_engine_does_not_slow_requests_for_another(gateway, engines):
+    quick, hanging = engines
+    hanging.faults = attrs.evolve(hanging.faults, first_byte_delay_s=5.0)  # accepts, never answers in time
+    client = await gateway(f"hanging={hanging.url},quick={quick.url}")
+    ids = [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
+    assert ids == [QWEN]  # the hanging engine's models are left out, after at most the probe deadline
+    for _ in range(3):
+        started = time.monotonic()
+        response = await client.post(CHAT, json={"model": QWEN, "messages": MESSAGES})
+        assert response.status == 200
+        assert time.monotonic() - started < 0.3  # the quick engine's fresh listing decides at once
