@@ -128,6 +128,12 @@ async def test_qwen3_tts_replicas_speech_and_websocket(gateway):
         pcm = synthesize("vivian", "Rivers run to the sea.")
         assert response.status == 200 and await response.read() == wav_header(len(pcm)) + pcm
 
+        # A streamed body (the batch route relays the client's bytes as they come) survives the failover too.
+        batch = json.dumps({"items": [{"input": "One."}, {"input": "Two."}], "voice": "vivian"}).encode()
+        response = await client.post("/v1/audio/speech/batch", data=batch, headers={"Content-Type": "application/json"})
+        assert response.status == 200 and (await response.json())["succeeded"] == 2
+        assert tts.last("/v1/audio/speech/batch").body == batch
+
         ws = await client.ws_connect("/v1/audio/speech/stream")
         await ws.send_json({"type": "session.config", "voice": "serena", "response_format": "pcm"})
         await ws.send_json({"type": "input.text", "text": "Hello there."})
