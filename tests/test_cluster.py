@@ -35,7 +35,7 @@ from .helpers import BackendPlugin, SlowAsr, tone_wav
 from .upstreams.vllm_omni import synthesize
 
 TRANSCRIBE = "/v1/audio/transcriptions"
-ASR_STEPS, ASR_STEP_S = 8, 0.15  # each transcription holds its node's slot for about 1.2 s
+ASR_STEPS, ASR_STEP_S = 10, 0.15  # each transcription holds its node's slot for about 1.5 s
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
@@ -190,7 +190,7 @@ async def test_two_concurrent_transcriptions_run_one_per_gateway(cluster, http, 
     assert all(body["text"] == EXPECTED_TEXT for _, _, body in results)
     served_by = {final_upstream(cluster.log_line(rid)) for rid in ("pair-a", "pair-b")}
     assert served_by == {node.address for node in cluster.nodes}
-    # Side by side, not one after the other (each holds a slot ~1.2 s).
+    # Side by side, not one after the other (each holds a slot ~1.5 s).
     assert elapsed < 2 * ASR_STEPS * ASR_STEP_S
 
 
@@ -350,5 +350,5 @@ async def test_a_client_hanging_up_frees_the_gateway_behind_nginx(cluster, http,
             if not (await response.json())["devices"]["busy"]:
                 break
         await asyncio.sleep(0.02)
-    # Well before the ~1.2 s the transcription would have taken to finish.
+    # Well before the ~1.5 s the transcription would have taken to finish.
     assert time.monotonic() - hung_up_at < 0.6
