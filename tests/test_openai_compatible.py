@@ -23,7 +23,7 @@ from aistack_core.app import create_app
 from aistack_plugins.openai_compatible import parse_upstreams, server_root
 
 from .helpers import BackendPlugin, SlowAsr, tone_wav
-from .upstreams import GatewayClient, refused_url, run_gateway
+from .upstreams import FAULT_HEADER, GatewayClient, refused_url, run_gateway
 from .upstreams.ollama import OllamaEmulator
 from .upstreams.vllm_openai import WORDS, VllmOpenAIEmulator, embedding_of
 
@@ -301,3 +301,13 @@ async def test_a_hanging_engine_does_not_slow_requests_for_another(gateway, engi
         response = await client.post(CHAT, json={"model": QWEN, "messages": MESSAGES})
         assert response.status == 200
         assert time.monotonic() - started < 0.3  # the quick engine's fresh listing decides at once
+
+
+async def test_an_engine_that_does_not_answer_in_time_is_504(gateway, engines):
+    vllm, _ = engines
+    client = await gateway(f"vllm={vllm.url}", AISTACK_OPENAI_READ_TIMEOUT_S="0.3")
+    response = await client.post(CHAT, json={"model": QWEN, "messages": MESSAGES},
+                                 headers={FAULT_HEADER: "first-byte-delay=3"})
+    error = (await response.json())["error"]
+    assert response.status == 504 and error["kind"] == "network" and error["provider"] == "vllm"
+    assert "did not answer within 0.3 s" in error["message"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 
 import attrs
@@ -13,6 +14,7 @@ import pytest
 
 import aistack_plugins.ollama
 import aistack_plugins.qwen3_tts
+from aistack_core import Config, runs_on_this_machine, upstream_urls
 from aistack_core.app import create_app
 from aistack_core.backends import Upstream
 from aistack_core.context import registry_key
@@ -142,3 +144,33 @@ async def test_qwen3_tts_replicas_speech_and_websocket(gateway):
         assert await ws.receive_bytes(timeout=2) == synthesize("serena", "Hello there.")
         await ws.close()
         assert json.loads(tts.last("/v1/audio/speech").body)["input"] == "Rivers run to the sea."
+
+
+# --- URLs and where they point ---------------------------------------------------------
+
+
+def test_upstream_url_lists():
+    assert upstream_urls(" http://a:1/ ,http://b:2,") == ("http://a:1", "http://b:2")
+    assert upstream_urls(("https://c",)) == ("https://c",)
+    for bad in ("", " , ", "a:11434", "ftp://x"):
+        with pytest.raises(ValueError):
+            upstream_urls(bad)
+
+
+@pytest.mark.parametrize("url, here", [
+    ("http://127.0.0.1:11434", True), ("http://127.8.9.1", True), ("http://[::1]:8000", True),
+    ("http://localhost:8000", True), ("http://LOCALHOST", True), ("http://host.docker.internal:11434", True),
+    (f"http://{socket.gethostname()}:8000", True),
+    ("http://10.0.0.7:8000", False), ("http://gpu-box:8000", False), ("https://llm.example.org/v1", False),
+])
+def test_which_urls_are_this_machine(url, here):
+    assert runs_on_this_machine(url) is here
+
+
+def test_a_remote_ollama_or_tts_does_not_take_the_local_slot():
+    remote = Config(ollama_url="http://gpu-box:11434", qwen3_tts_url="http://10.0.0.5:17860")
+    assert not aistack_plugins.ollama.make_upstream(remote).uses_local_gpu
+    assert not aistack_plugins.qwen3_tts.make_upstream(remote).uses_local_gpu
+    mixed = Config(ollama_url="http://gpu-box:11434,http://127.0.0.1:11434")
+    assert aistack_plugins.ollama.make_upstream(mixed).uses_local_gpu  # it may end up computing here
+    assert aistack_plugins.ollama.make_upstream(Config()).uses_local_gpu
