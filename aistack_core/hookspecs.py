@@ -60,7 +60,9 @@ def register_upstreams(register: "Callable[[Upstream], None]", config: "Config")
     :param config: the server's settings.
 
     An upstream's models appear in ``/v1/models`` only while its ``probe``
-    answers within the probe deadline.
+    (``probe(session, base_url)``, called for each of its URLs) answers
+    within the probe deadline.  Several upstreams may share a capability:
+    a request's ``model`` then picks the one whose probe lists it.
     """
 
 
