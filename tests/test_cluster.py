@@ -205,7 +205,7 @@ async def test_a_third_concurrent_one_is_503_after_nginx_tried_both(cluster, htt
 
     status, headers, body = await transcribe(http, cluster.url, wavs[2], "busy-third")
     assert status == 503 and headers["Retry-After"] == "5"
-    assert body["error"]["kind"] == "network" and "busy" in body["error"]["message"]
+    assert body["error"]["kind"] == "network" and body["error"]["code"] == "gpu_busy"
     fields = cluster.log_line("busy-third")
     assert fields["upstream_status"] == "503, 503"
     assert set(fields["upstream"].split(", ")) == {node.address for node in cluster.nodes}
