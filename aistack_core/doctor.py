@@ -114,13 +114,13 @@ def check_plugins(plugins: PluginSet, registry: Registry) -> list[DoctorCheck]:
 
 
 async def _probe_upstreams(registry: Registry, timeout_s: float) -> list[DoctorCheck]:
-    async def probe(entry) -> DoctorCheck:
-        upstream = entry.backend
-        name = f"upstream {upstream.name}"
+    async def probe(upstream, base_url: str) -> DoctorCheck:
+        # One check per replica: with several URLs, each is named.
+        name = f"upstream {upstream.name}" + (f" ({base_url})" if len(upstream.urls) > 1 else "")
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session:
-                cards = await asyncio.wait_for(upstream.probe(session), timeout_s)
+                cards = await asyncio.wait_for(upstream.probe(session, base_url), timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure means "does not answer"; the detail says which
             os_error = getattr(exc, "os_error", None)  # aiohttp's connection errors carry the socket's
             if isinstance(exc, asyncio.TimeoutError):
@@ -129,14 +129,15 @@ async def _probe_upstreams(registry: Registry, timeout_s: float) -> list[DoctorC
                 reason = os_error.strerror.lower()
             else:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return DoctorCheck(name, "warn", f"does not answer at {upstream.base_url} ({reason})",
+            return DoctorCheck(name, "warn", f"does not answer at {base_url} ({reason})",
                                upstream.unreachable_hint)
         if not cards:
-            return DoctorCheck(name, "warn", f"answers at {upstream.base_url} but offers no model yet",
+            return DoctorCheck(name, "warn", f"answers at {base_url} but offers no model yet",
                                upstream.unreachable_hint)
-        return DoctorCheck(name, "ok", f"answers at {upstream.base_url}: " + ", ".join(c.id for c in cards))
+        return DoctorCheck(name, "ok", f"answers at {base_url}: " + ", ".join(c.id for c in cards))
 
-    return list(await asyncio.gather(*(probe(entry) for entry in registry.upstreams.values())))
+    replicas = [(entry.backend, url) for entry in registry.upstreams.values() for url in entry.backend.urls]
+    return list(await asyncio.gather(*(probe(upstream, url) for upstream, url in replicas)))
 
 
 # --- directories, disk, memory --------------------------------------------------------

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import attrs
@@ -174,3 +177,26 @@ def test_a_remote_ollama_or_tts_does_not_take_the_local_slot():
     mixed = Config(ollama_url="http://gpu-box:11434,http://127.0.0.1:11434")
     assert aistack_plugins.ollama.make_upstream(mixed).uses_local_gpu  # it may end up computing here
     assert aistack_plugins.ollama.make_upstream(Config()).uses_local_gpu
+
+
+def test_doctor_checks_each_replica(tmp_path):
+    from aistack_core.doctor import run_checks
+    from aistack_core.plugins import load_plugins
+
+    from .nginx_runner import ROOT, stop, wait_port
+
+    port = free_port()
+    emulator = subprocess.Popen([sys.executable, "-m", "tests.upstreams.ollama", "--port", str(port)], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        wait_port(port, emulator, "the Ollama emulator")
+        dead, alive = refused_url(), f"http://127.0.0.1:{port}"
+        plugins = load_plugins(load_entrypoints=False)
+        plugins.register(aistack_plugins.ollama, name="ollama")
+        config = Config(ollama_url=f"{dead},{alive}", obs_log_dir=tmp_path / "logs", upload_dir=tmp_path,
+                        tts_cache_dir=tmp_path / "cache", obs_payload_dir=tmp_path / "payloads")
+        checks = {check.name: check for check in run_checks(config, plugins) if check.name.startswith("upstream")}
+    finally:
+        stop(emulator)
+    assert checks[f"upstream ollama ({alive})"].status == "ok" and "qwen3:4b" in checks[f"upstream ollama ({alive})"].detail
+    assert checks[f"upstream ollama ({dead})"].status == "warn"
