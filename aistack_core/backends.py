@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import aiohttp
     import numpy
 
-CAPABILITIES = ("asr", "tts", "llm", "embeddings")
+CAPABILITIES = ("asr", "tts", "llm", "embeddings", "diarization")
 
 
 @attrs.frozen
@@ -201,6 +201,63 @@ class TtsBackend(Protocol):
 
     def synthesize(self, model: Any, options: SpeechOptions, cancel: CancelToken) -> Iterator["numpy.ndarray"]:
         """Yield audio chunks for ``options.text``."""
+
+
+# --- speaker diarization ------------------------------------------------------
+
+
+@attrs.frozen
+class SpeakerTurn:
+    """One stretch of time in which one speaker talks.
+
+    ``speaker`` is the backend's own label ("0", "spk1"): the core relabels
+    turns "A", "B", ... (or with known names) before a client sees them.
+    ``embedding``, when the backend has one, is a speaker vector for this
+    turn; the core compares such vectors by cosine similarity only.
+    """
+
+    start: float
+    end: float
+    speaker: str
+    embedding: tuple[float, ...] | None = attrs.field(default=None, repr=False)
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.end - self.start)
+
+
+@attrs.frozen
+class DiarizationOptions:
+    """What the client asked for; ``None`` lets the backend decide."""
+
+    num_speakers: int | None = None
+    min_speakers: int | None = None
+    max_speakers: int | None = None
+
+
+@runtime_checkable
+class DiarizationBackend(Protocol):
+    """An in-process diarizer: who spoke when.
+
+    ``max_speakers`` is the most speakers it can tell apart in one
+    recording.  ``diarize`` returns turns in any order (overlaps allowed);
+    ``embed`` turns a short mono float32 clip at 16 kHz into a speaker
+    vector, so the core can match turns to known speakers' reference clips.
+    """
+
+    card: ModelCard
+    max_speakers: int
+
+    def load(self) -> Any:
+        """Load the model (blocking).  The core caches what this returns."""
+
+    def diarize(
+        self, model: Any, audio: AudioInput, options: DiarizationOptions, cancel: CancelToken
+    ) -> list[SpeakerTurn]:
+        """The speaker turns of ``audio``.  Raise typed errors."""
+
+    def embed(self, model: Any, samples: "numpy.ndarray", cancel: CancelToken) -> tuple[float, ...]:
+        """A speaker vector for ``samples`` (mono float32 at 16 kHz)."""
 
 
 # --- upstream proxies ---------------------------------------------------------

@@ -26,7 +26,7 @@ import re
 import tempfile
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import aiohttp
 import attrs
@@ -245,6 +245,7 @@ async def read_form(
     file_fields: Iterable[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     keep_raw: bool = False,
+    long_text_fields: Mapping[str, int] | None = None,
 ) -> Form:
     """Read and coerce the request's fields.
 
@@ -254,12 +255,15 @@ async def read_form(
     :param file_fields: the names that may carry a file.
     :param keep_raw: keep the body bytes (``form.raw``), for a route that may
         still forward the request untouched; needs a body read whole.
+    :param long_text_fields: text fields that may exceed ``MAX_FIELD_BYTES``
+        in a streamed multipart body (name -> most bytes per value), such as
+        short audio clips sent as data URLs.
     """
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
     mime = content_type.split(";")[0].strip().lower()
     file_fields = frozenset(file_fields)
     if mime.startswith("multipart/") and uploads is not None and not keep_raw:
-        form = await _read_streamed_multipart(request, uploads, file_fields)
+        form = await _read_streamed_multipart(request, uploads, file_fields, long_text_fields or {})
     else:
         raw = await read_body(request, max_body_bytes)
         if mime.startswith("multipart/"):
@@ -350,7 +354,9 @@ def _parse_whole_multipart(raw: bytes, content_type: str) -> Form:
     return Form(raw_values=values)
 
 
-async def _read_streamed_multipart(request: web.Request, policy: UploadPolicy, file_fields: frozenset[str]) -> Form:
+async def _read_streamed_multipart(
+    request: web.Request, policy: UploadPolicy, file_fields: frozenset[str], long_text_fields: Mapping[str, int]
+) -> Form:
     limit = policy.max_bytes
     # Text fields may add a little to the file's size.
     _check_length(request, limit + MAX_FIELD_BYTES * 16, policy.setting)
@@ -377,10 +383,11 @@ async def _read_streamed_multipart(request: web.Request, policy: UploadPolicy, f
                 form.uploads[name] = upload
                 received += upload.size
                 continue
+            field_limit = long_text_fields.get(name.removesuffix("[]"), MAX_FIELD_BYTES)
             raw = await part.read(decode=True)
             received += len(raw)
-            if len(raw) > MAX_FIELD_BYTES:
-                raise Malformed(f"Field {name!r} is too long (at most {MAX_FIELD_BYTES} bytes).", param=name or None)
+            if len(raw) > field_limit:
+                raise Malformed(f"Field {name!r} is too long (at most {field_limit} bytes).", param=name or None)
             if received > inflated:
                 raise _too_large("The request body as decompressed", inflated, policy.setting)
             try:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .backends import AsrBackend, DoctorCheck, TtsBackend, Upstream
+    from .backends import AsrBackend, DiarizationBackend, DoctorCheck, TtsBackend, Upstream
     from .config import Config
 
 PROJECT = "aistack"
@@ -82,4 +82,21 @@ def doctor_checks(config: "Config") -> "list[DoctorCheck]":
     upstreams a plugin registers is checked by the core through their
     ``probe``.  A check that raises is reported as a ``fail`` naming the
     plugin.
+    """
+
+
+@hookspec
+def register_diarization_backends(register: "Callable[[DiarizationBackend], None]", config: "Config") -> None:
+    """Register in-process speaker diarization backends (who spoke when).
+
+    :param register: call once per backend with an object satisfying
+        :class:`aistack_core.backends.DiarizationBackend`.  Registering an id
+        or alias that another plugin already holds raises ``ValueError``.
+    :param config: the server's settings; read plugin-specific variables
+        from ``config.env``.
+
+    Any installed speech-to-text backend supplies the words: the core
+    assigns them to the turns this backend finds, for
+    ``response_format=diarized_json`` and ``/v1/audio/diarization``.  As for
+    ASR backends, load no weights here; ``load`` is called on first use.
     """

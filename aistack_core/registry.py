@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import attrs
 
-from .backends import AsrBackend, ModelCard, TtsBackend, Upstream, backend_unavailable
+from .backends import AsrBackend, DiarizationBackend, ModelCard, TtsBackend, Upstream, backend_unavailable
 from .config import Config
 from .errors import Malformed, Network
 from .plugins import PluginSet
@@ -15,6 +15,10 @@ from .plugins import PluginSet
 log = logging.getLogger("aistack.registry")
 
 AUTO_ALIAS = "auto"
+# OpenAI's diarizing transcription model: here the best installed speech-to-text
+# backend (as ``auto`` picks it) plus the best installed diarizer.
+DIARIZE_ALIAS = "gpt-4o-transcribe-diarize"
+DIARIZE_EXTRA = "diarize"
 
 # Model ids from the public contract that belong to optional extras.  The core
 # knows them only as data, so a request for one whose plugin is missing gets an
@@ -58,6 +62,7 @@ class Registry:
     asr: dict[str, Registered] = attrs.field(factory=dict)
     tts: dict[str, Registered] = attrs.field(factory=dict)
     upstreams: dict[str, Registered] = attrs.field(factory=dict)
+    diarization: dict[str, Registered] = attrs.field(factory=dict)
     _names: dict[tuple[str, str], str] = attrs.field(factory=dict)  # (capability, lowercase id/alias) -> id
     tts_default: str | None = None
     plugins: PluginSet | None = None
@@ -71,6 +76,7 @@ class Registry:
             ("register_asr_backends", registry.add_asr),
             ("register_tts_backends", registry.add_tts),
             ("register_upstreams", registry.add_upstream),
+            ("register_diarization_backends", registry.add_diarization),
         )
         for hook_name, add in hooks:
             caller = getattr(plugins.manager.hook, hook_name)
@@ -103,8 +109,7 @@ class Registry:
             self._names[(capability, name.lower())] = owner_id
 
     def _holder_plugin(self, capability: str, model_id: str) -> str:
-        table = {"asr": self.asr, "tts": self.tts}.get(capability, self.upstreams)
-        entry = table.get(model_id)
+        entry = self._table(capability).get(model_id)
         return entry.plugin if entry else "?"
 
     def _add(self, table: dict[str, Registered], capability: str, backend: Any, plugin: str) -> None:
@@ -123,6 +128,14 @@ class Registry:
         if not isinstance(backend, TtsBackend):
             raise TypeError(f"plugin {plugin!r} registered {backend!r}, which is not a TtsBackend")
         self._add(self.tts, "tts", backend, plugin)
+
+    def add_diarization(self, backend: DiarizationBackend, plugin: str) -> None:
+        if not isinstance(backend, DiarizationBackend):
+            raise TypeError(f"plugin {plugin!r} registered {backend!r}, which is not a DiarizationBackend")
+        self._add(self.diarization, "diarization", backend, plugin)
+
+    def _table(self, capability: str) -> dict[str, Registered]:
+        return {"asr": self.asr, "tts": self.tts, "diarization": self.diarization}.get(capability, self.upstreams)
 
     def add_upstream(self, upstream: Upstream, plugin: str) -> None:
         if upstream.name in self.upstreams:
@@ -169,8 +182,7 @@ class Registry:
         )
 
     def _available(self, capability: str) -> str:
-        table = {"asr": self.asr, "tts": self.tts}[capability]
-        ids = sorted(table)
+        ids = sorted(self._table(capability))
         if capability == "asr" and ids:
             ids.insert(0, AUTO_ALIAS)
         return ", ".join(ids) or "none installed"
@@ -179,7 +191,7 @@ class Registry:
         model_id = self._names.get((capability, model.lower()))
         if model_id is None:
             return None
-        return {"asr": self.asr, "tts": self.tts}[capability][model_id]
+        return self._table(capability)[model_id]
 
     def find_any(self, model: str) -> Registered | None:
         """The in-process entry of any capability that ``model`` names (for "wrong capability" errors)."""
@@ -191,7 +203,7 @@ class Registry:
 
     def resolve_asr(self, model: str | None, language: str | None) -> Registered:
         model = (model or "").strip()
-        if model.lower() in ("", AUTO_ALIAS):
+        if model.lower() in ("", AUTO_ALIAS, DIARIZE_ALIAS):
             return self.pick_auto(language)
         found = self.find("asr", model)
         if found is not None:
@@ -224,7 +236,7 @@ class Registry:
 
     def serving(self, capability: str) -> list[Registered]:
         """In-process backends that can serve now (blocking file checks: call from a thread)."""
-        table = {"asr": self.asr, "tts": self.tts}[capability]
+        table = self._table(capability)
         return [entry for entry in table.values() if backend_unavailable(entry.backend) is None]
 
     def auto_card(self, pool: list[Registered]) -> dict | None:
@@ -237,6 +249,41 @@ class Registry:
             "owned_by": "aistack",
             "capabilities": ["asr"],
             "supports_streaming": all(r.card.supports_streaming for r in pool),
+            "is_routing_alias": True,
+        }
+
+    def resolve_diarization(self, model: str | None = None) -> Registered:
+        """The diarizer ``model`` names, or the best installed one (blocking file checks: call from a thread)."""
+        name = (model or "").strip()
+        if name and name.lower() != DIARIZE_ALIAS:
+            found = self.find("diarization", name)
+            if found is None:
+                raise Malformed(
+                    f"Unknown diarization model {name!r}. Available: {self._available('diarization')}.",
+                    param="diarization_model", code="model_not_found",
+                )
+            return found
+        if not self.diarization:
+            raise Malformed(
+                "Speaker diarization needs a diarization backend, and none is installed. "
+                f"Install one with: pip install 'aistack[{DIARIZE_EXTRA}]'",
+                param="response_format", code="diarization_not_installed",
+            )
+        ranked = sorted(self.diarization.values(), key=lambda r: (r.card.auto_priority, r.card.id))
+        pool = [r for r in ranked if backend_unavailable(r.backend) is None] or ranked[:1]
+        return pool[0]
+
+    def diarize_alias_card(self, asr_pool: list[Registered], diarizer_pool: list[Registered]) -> dict | None:
+        """The ``gpt-4o-transcribe-diarize`` entry of /v1/models, while both halves can serve."""
+        if not asr_pool or not diarizer_pool:
+            return None
+        return {
+            "id": DIARIZE_ALIAS,
+            "object": "model",
+            "created": 0,
+            "owned_by": "aistack",
+            "capabilities": ["asr", "diarization"],
+            "supports_streaming": True,
             "is_routing_alias": True,
         }
 

@@ -26,7 +26,11 @@ def _in_process_entries(app: web.Application) -> list[dict]:
     auto = registry.auto_card(asr)
     if auto is not None:
         entries.append(auto)
-    for pool in (asr, registry.serving("tts")):
+    diarizers = registry.serving("diarization")
+    diarize_alias = registry.diarize_alias_card(asr, diarizers)
+    if diarize_alias is not None:
+        entries.append(diarize_alias)
+    for pool in (asr, registry.serving("tts"), diarizers):
         entries.extend(entry.card.to_openai() for entry in sorted(pool, key=lambda e: e.card.id))
     return entries
 

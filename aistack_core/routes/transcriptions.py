@@ -15,19 +15,25 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..backends import Segment, Transcription, TranscriptionOptions
+import attrs
+
+from ..backends import DiarizationOptions, Segment, SpeakerTurn, Transcription, TranscriptionOptions
 from ..context import config_key, registry_key
 from ..errors import AistackError, Malformed, Unknown
 from ..forms import Field, Form, UploadPolicy, defer_continue, read_form
 from ..inference import Inference, inference
 from ..media.audio import DecodedAudio
+from ..media.diarize import (
+    MAX_REFERENCE_BYTES, SPEAKER_FIELDS, KnownSpeaker, SpeakerSegment, assign_speakers, check_known_names,
+    check_speaker_counts, diarized_segment_json, read_known_speakers, speaker_options, turns_in_slot, voice_tagged,
+)
 from ..media.transcript import TextJoiner, duration_usage, join_text, regroup, segment_json, to_srt, to_vtt, word_json
 from ..observe.record import request_info
-from ..registry import AUTO_ALIAS, normalize_language
+from ..registry import AUTO_ALIAS, DIARIZE_ALIAS, normalize_language
 
 log = logging.getLogger("aistack.routes.transcriptions")
 
-RESPONSE_FORMATS = ("json", "verbose_json", "text", "srt", "vtt")
+RESPONSE_FORMATS = ("json", "verbose_json", "text", "srt", "vtt", "diarized_json")
 GRANULARITIES = ("sentence", "subtitle")
 
 FIELDS = (
@@ -208,6 +214,124 @@ async def _send_error(stream: EventSourceResponse, exc: AistackError) -> None:
         pass
 
 
+# --- speakers (diarization) ---------------------------------------------------------
+# model=gpt-4o-transcribe-diarize, diarize=true or response_format=diarized_json:
+# the diarizer runs first, in the same slot hold, then the words are given to its turns.
+
+DIARIZE_FIELDS = (Field("diarize", "bool", default=False), *SPEAKER_FIELDS)
+
+
+@attrs.frozen
+class DiarizationPlan:
+    diarizer: Any  # the registry's Registered for the diarization backend
+    options: DiarizationOptions
+    known: list[KnownSpeaker]
+
+
+async def _diarization_plan(request: web.Request, form: Form) -> DiarizationPlan | None:
+    """What the request asks of a diarizer, checked before the slot is taken; None without diarization."""
+    form.take(DIARIZE_FIELDS)
+    wanted = (form["diarize"] or form["response_format"] == "diarized_json"
+              or form["model"].strip().lower() == DIARIZE_ALIAS)
+    names, references = form["known_speaker_names"], form["known_speaker_references"]
+    if not wanted:
+        for name in ("known_speaker_names", "known_speaker_references", "num_speakers", "min_speakers",
+                     "max_speakers"):
+            if form.sent(name):
+                raise Malformed(
+                    f"{name} applies to diarized transcriptions: add diarize=true or "
+                    f"response_format=diarized_json.", param=name,
+                )
+        return None
+    check_known_names(names, references)
+    diarizer = await asyncio.to_thread(request.app[registry_key].resolve_diarization)
+    options = speaker_options(form)
+    check_speaker_counts(options, diarizer.backend.max_speakers)
+    known = await asyncio.to_thread(read_known_speakers, form, request.app[config_key].upload_dir)
+    return DiarizationPlan(diarizer, options, known)
+
+
+def _render_with_speakers(
+    result: Transcription, spoken: list[SpeakerSegment], form: Form, translate: bool
+) -> web.Response:
+    response_format = form["response_format"]
+    if response_format in ("srt", "vtt"):
+        tagged = voice_tagged(spoken)
+        if response_format == "srt":
+            return web.Response(text=to_srt(tagged), content_type="application/x-subrip")
+        return web.Response(text=to_vtt(tagged), content_type="text/vtt")
+    if response_format == "diarized_json":
+        return web.json_response({
+            "task": "translate" if translate else "transcribe",
+            "duration": round(result.duration, 3),
+            "text": join_text(s.segment for s in spoken),
+            "segments": [diarized_segment_json(s) for s in spoken],
+            "usage": duration_usage(result.duration),
+        })
+    # json, text and verbose_json as without speakers; verbose_json segments name theirs.
+    segments = [attrs.evolve(s.segment, extra={**s.segment.extra, "speaker": s.speaker}) for s in spoken]
+    return render(result, segments, form, translate)
+
+
+def _speaker_options(form: Form, translate: bool) -> TranscriptionOptions:
+    # Words are what get assigned to speakers, so ask for their times whatever the format.
+    return attrs.evolve(_options(form, translate), word_timestamps=True)
+
+
+async def _respond_with_speakers(
+    run: Inference, plan: DiarizationPlan, audio: DecodedAudio, form: Form, translate: bool
+) -> web.StreamResponse:
+    turns = await turns_in_slot(run, plan.diarizer, audio, plan.options, plan.known)
+    if form["stream"]:
+        return await _stream_with_speakers(run, plan, turns, audio, form, translate)
+    result, segments = await run.in_thread(_transcribe_all, run, audio, _speaker_options(form, translate))
+    run.info.language = result.language
+    response = _render_with_speakers(result, assign_speakers(segments, turns), form, translate)
+    _describe(response, run, result.language)
+    response.headers["X-Aistack-Diarizer"] = plan.diarizer.card.id
+    return response
+
+
+async def _stream_with_speakers(
+    run: Inference, plan: DiarizationPlan, turns: list[SpeakerTurn], audio: DecodedAudio, form: Form,
+    translate: bool,
+) -> web.StreamResponse:
+    """``transcript.text.segment`` events as the words arrive, then ``transcript.text.done``."""
+    result: Transcription = await run.in_thread(
+        run.entry.backend.transcribe, run.model, audio, _speaker_options(form, translate), run.cancel
+    )
+    run.info.language = result.language
+    stream = EventSourceResponse(sep="\n", allow_all_methods=True)
+    _describe(stream, run, result.language)
+    stream.headers["X-Aistack-Diarizer"] = plan.diarizer.card.id
+    await stream.prepare(run.request)
+    joiner = TextJoiner()
+    next_id = 0
+    try:
+        async for segment in run.iterate(lambda: _checked(result.segments, run.cancel)):
+            for spoken in assign_speakers([segment], turns, next_id):
+                next_id += 1
+                joiner.add(spoken.segment.text)
+                await stream.send(json.dumps(diarized_segment_json(spoken)))
+        await stream.send(json.dumps({
+            "type": "transcript.text.done",
+            "text": joiner.text,
+            "usage": duration_usage(result.duration),
+        }))
+    except AistackError as exc:
+        if exc.kind != "cancelled":
+            await _send_error(stream, exc)
+        raise  # the error middleware aborts the connection: a failed stream never looks complete
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as exc:
+        log.exception("diarized transcription failed mid-stream")
+        await _send_error(stream, Unknown(f"Transcription failed: {type(exc).__name__}: {exc}"))
+        raise
+    await stream.write_eof()
+    return stream
+
+
 # --- the handlers -----------------------------------------------------------------
 
 
@@ -220,6 +344,7 @@ async def _serve(request: web.Request, translate_route: bool) -> web.StreamRespo
         request, FIELDS,
         uploads=UploadPolicy(config.upload_dir, config.max_upload_mb * 1024 * 1024),
         file_fields=("file",),
+        long_text_fields={"known_speaker_references": MAX_REFERENCE_BYTES * 4 // 3 + 1024},
     )
     try:
         upload = form.file("file")
@@ -240,10 +365,13 @@ async def _serve(request: web.Request, translate_route: bool) -> web.StreamRespo
                 f"Translation needs a Whisper model; {card.id} cannot translate.",
                 provider=card.provider, param="model", code="translation_not_supported",
             )
+        speakers = await _diarization_plan(request, form)
         audio = await asyncio.to_thread(DecodedAudio.open, upload.path)
         info.audio_sec = round(audio.duration, 3)
         async with inference(request, "asr", entry) as run:
             run.audio_seconds = audio.duration
+            if speakers is not None:
+                return await _respond_with_speakers(run, speakers, audio, form, translate)
             if form["stream"]:
                 return await _respond_stream(run, audio, form, translate)
             return await _respond_whole(run, audio, form, translate)
