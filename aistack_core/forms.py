@@ -289,7 +289,8 @@ def _add_raw(values: dict[str, Any], name: str, value: Any) -> None:
     """Repeated form fields (``include[]=a&include[]=b``) collect into a list."""
     if name in values:
         previous = values[name]
-        values[name] = previous + [value] if isinstance(previous, _Repeated) else _Repeated([previous, value])
+        # list + list is a plain list: keep the marker, or a third repeat would nest the first two.
+        values[name] = _Repeated([*previous, value]) if isinstance(previous, _Repeated) else _Repeated([previous, value])
     else:
         values[name] = value
 

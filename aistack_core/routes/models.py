@@ -50,8 +50,8 @@ async def get_model(request: web.Request) -> web.Response:
     wanted = request.match_info["model"]
     registry = request.app[registry_key]
     # Aliases (whisper-1, tts-1, parakeet, ...) retrieve the model they stand for.
-    for capability in ("asr", "tts"):
-        found = registry.resolve_tts(wanted) if capability == "tts" else registry.find("asr", wanted)
+    for capability in ("asr", "tts", "diarization"):
+        found = registry.resolve_tts(wanted) if capability == "tts" else registry.find(capability, wanted)
         if found is not None:
             wanted = found.card.id
             break
