@@ -15,21 +15,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import time
+import wave
 
 import aiohttp
 import pytest
 
 import aistack_plugins.faster_whisper as faster_whisper_plugin
-from aistack_core import CancelToken, DiarizationOptions, Segment, SpeakerTurn, Transcription, Word, hookimpl
+from aistack_core import CancelToken, DiarizationOptions, Segment, SpeakerTurn, Word, hookimpl
 from aistack_core.context import model_cache_key, slot_key
 from aistack_core.media import diarize
 from aistack_core.plugins import load_plugins
 from aistack_core.registry import DIARIZE_ALIAS, Registry
 from aistack_core.config import Config
 
-from .fixtures.pitch_diarizer import DiarizerPlugin, Line, PitchDiarizer, build_conversation, write_wav
+from .fixtures.pitch_diarizer import DiarizerPlugin, Line, PitchDiarizer, build_conversation
 from .helpers import BackendPlugin, SlowAsr, sse_events, tone_wav
 from .test_core import assert_envelope, form
 
@@ -65,8 +65,6 @@ async def client(make_client, diarizer):
 
 def data_url(samples, rate: int = 16000) -> str:
     buffer = io.BytesIO()
-    import wave
-
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)

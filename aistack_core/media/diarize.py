@@ -70,7 +70,7 @@ class KnownSpeaker:
 
 
 def letter_label(index: int) -> str:
-    """"A", "B", ..., "Z", "AA", "AB", ... (speadsheet columns)."""
+    """"A", "B", ..., "Z", "AA", "AB", ... (spreadsheet columns)."""
     label = ""
     index += 1
     while index:

@@ -12,10 +12,9 @@ import json
 import logging
 from typing import Any
 
+import attrs
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
-
-import attrs
 
 from ..backends import DiarizationOptions, Segment, SpeakerTurn, Transcription, TranscriptionOptions
 from ..context import config_key, registry_key
