@@ -46,6 +46,7 @@ from aistack_core import (
     CancelToken,
     Config,
     DiarizationOptions,
+    DoctorCheck,
     ModelCard,
     Network,
     Overflow,
@@ -315,3 +316,13 @@ def _join_across_windows(turns: list[SpeakerTurn], gap_s: float) -> list[Speaker
 @hookimpl
 def register_diarization_backends(register, config: Config) -> None:
     register(SortformerBackend(config))
+
+
+@hookimpl
+def doctor_checks(config: Config) -> list[DoctorCheck]:
+    """Whether the Sortformer weights are on disk (the GPU check is the same torch's as Parakeet's)."""
+    missing = SortformerBackend(config).unavailable()
+    if missing:
+        return [DoctorCheck("Sortformer weights", "warn", missing,
+                            f"huggingface-cli download {MODEL_ID}, or set {MODEL_SETTING} to a .nemo file")]
+    return [DoctorCheck("Sortformer weights", "ok", "found on disk")]

@@ -532,3 +532,5 @@ async def test_sortformer_without_weights_is_hidden_and_explains(make_client, tm
     response = await client.post("/v1/audio/diarization", data=form(conversation_wav))
     assert response.status == 503
     assert sortformer.MODEL_SETTING in assert_envelope(await response.json(), "network")["message"]
+    [check] = sortformer.doctor_checks(Config(env={sortformer.MODEL_SETTING: str(tmp_path / "missing.nemo")}))
+    assert check.status == "warn" and sortformer.MODEL_SETTING in check.fix
