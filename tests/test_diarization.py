@@ -277,6 +277,17 @@ async def test_subtitles_carry_voice_tags(client, conversation_wav):
         conversation_wav, model="whisper-1", diarize="true", response_format="srt"))).text()
     first_cue = srt.split("\n\n")[0].splitlines()
     assert first_cue[0] == "1" and "-->" in first_cue[1] and first_cue[2].startswith("<v A>")
+    # Subtitle-sized cues are cut within each speaker's stretch, never across two voices.
+    sentences = await (await client.post("/v1/audio/transcriptions", data=form(
+        conversation_wav, model="whisper-1", diarize="true", response_format="verbose_json"))).json()
+    cued = await (await client.post("/v1/audio/transcriptions", data=form(
+        conversation_wav, model="whisper-1", diarize="true", response_format="verbose_json",
+        segment_granularity="subtitle"))).json()
+    assert len(cued["segments"]) >= len(sentences["segments"])
+    assert [s["id"] for s in cued["segments"]] == list(range(len(cued["segments"])))
+    for cue in cued["segments"]:
+        owner = next(s for s in sentences["segments"] if s["start"] - 0.01 <= cue["start"] and cue["end"] <= s["end"] + 0.01)
+        assert cue["speaker"] == owner["speaker"]
 
 
 async def test_streamed_segments_match_the_whole_answer(client, conversation_wav):

@@ -34,7 +34,7 @@ import attrs
 import numpy as np
 
 from ..backends import CancelToken, DiarizationOptions, Segment, SpeakerTurn, Word
-from ..errors import Malformed
+from ..errors import Malformed, Network
 from ..forms import Field, Form
 from .segments import join_words
 
@@ -393,8 +393,12 @@ def decode_reference(data_url: str, index: int, directory: Path, max_bytes: int)
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise Malformed(f"Reference {index} is not valid base64.", param=param) from None
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix="reference-", suffix=".audio") as spooled:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        spooled = tempfile.NamedTemporaryFile(dir=directory, prefix="reference-", suffix=".audio")
+    except OSError as exc:
+        raise Network(f"Cannot spool a speaker reference in {directory} ({exc.strerror}); check AISTACK_UPLOAD_DIR.") from exc
+    with spooled:
         spooled.write(raw)
         spooled.flush()
         try:

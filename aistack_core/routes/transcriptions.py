@@ -272,6 +272,17 @@ def _render_with_speakers(
     return render(result, segments, form, translate)
 
 
+def _cued(spoken: list[SpeakerSegment], granularity: str, first_id: int = 0) -> list[SpeakerSegment]:
+    """``segment_granularity=subtitle`` within each speaker's segment: a cue never mixes two voices."""
+    if granularity != "subtitle":
+        return spoken
+    cues: list[SpeakerSegment] = []
+    for piece in spoken:
+        cues.extend(SpeakerSegment(piece.speaker, cue)
+                    for cue in regroup([piece.segment], granularity, first_id + len(cues)))
+    return cues
+
+
 def _speaker_options(form: Form, translate: bool) -> TranscriptionOptions:
     # Words are what get assigned to speakers, so ask for their times whatever the format.
     return attrs.evolve(_options(form, translate), word_timestamps=True)
@@ -285,7 +296,8 @@ async def _respond_with_speakers(
         return await _stream_with_speakers(run, plan, turns, audio, form, translate)
     result, segments = await run.in_thread(_transcribe_all, run, audio, _speaker_options(form, translate))
     run.info.language = result.language
-    response = _render_with_speakers(result, assign_speakers(segments, turns), form, translate)
+    spoken = _cued(assign_speakers(segments, turns), form["segment_granularity"])
+    response = _render_with_speakers(result, spoken, form, translate)
     _describe(response, run, result.language)
     response.headers["X-Aistack-Diarizer"] = plan.diarizer.card.id
     return response
@@ -308,7 +320,7 @@ async def _stream_with_speakers(
     next_id = 0
     try:
         async for segment in run.iterate(lambda: _checked(result.segments, run.cancel)):
-            for spoken in assign_speakers([segment], turns, next_id):
+            for spoken in _cued(assign_speakers([segment], turns, next_id), form["segment_granularity"], next_id):
                 next_id += 1
                 joiner.add(spoken.segment.text)
                 await stream.send(json.dumps(diarized_segment_json(spoken)))
