@@ -34,6 +34,7 @@ import attrs
 import numpy as np
 
 from ..backends import CancelToken, DiarizationOptions, Segment, SpeakerTurn, Word
+from ..context import model_cache_key
 from ..errors import Malformed, Network
 from ..forms import Field, Form
 from .segments import join_words
@@ -287,8 +288,6 @@ async def turns_in_slot(run: Any, diarizer: Any, audio: Any, options: Diarizatio
     The diarizer's model comes from the model cache like any other and stays
     pinned while it works.
     """
-    from ..context import model_cache_key
-
     cache = run.request.app[model_cache_key]
     async with cache.use(("diarization", diarizer.card.id), "diarization", diarizer.backend.load) as model:
         return await run.in_thread(find_turns, diarizer.backend, model, audio, options, known, run.cancel)
