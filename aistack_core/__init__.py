@@ -22,6 +22,8 @@ from .backends import (  # noqa: E402
     TranscriptionOptions,
     TtsBackend,
     Upstream,
+    VadProvider,
+    VoiceActivityStream,
     Word,
     runs_on_this_machine,
     upstream_urls,
@@ -42,7 +44,8 @@ from .hookspecs import hookimpl  # noqa: E402
 __all__ = [
     "__version__", "hookimpl", "Config",
     "AsrBackend", "AudioInput", "CancelToken", "DoctorCheck", "ModelCard", "Segment", "SpeechOptions",
-    "Transcription", "TranscriptionOptions", "TtsBackend", "Upstream", "Word",
+    "Transcription", "TranscriptionOptions", "TtsBackend", "Upstream", "VadProvider", "VoiceActivityStream",
+    "Word",
     "runs_on_this_machine", "upstream_urls",
     "DiarizationBackend", "DiarizationOptions", "SpeakerTurn",
     "AistackError", "BadGateway", "Cancelled", "GatewayTimeout", "Malformed", "Network", "Overflow", "Unknown",

@@ -25,7 +25,7 @@ from .model_cache import ModelCache
 from .observe import middleware as observe
 from .plugins import PluginSet, load_plugins
 from .registry import Registry
-from .routes import admin, audio_proxy, chat, diarization, health, metrics, models, speech, transcriptions
+from .routes import admin, audio_proxy, chat, diarization, health, metrics, models, realtime, speech, transcriptions
 from .slot import GpuSlot
 from .upstreams import UpstreamProbes, probes_key, recheck_down_replicas
 
@@ -33,7 +33,7 @@ log = logging.getLogger("aistack.app")
 
 # Route families in the order their routes are matched: the catch-all
 # /v1/audio/{tail} proxy comes after the /v1/audio routes served here.
-ROUTE_FAMILIES = (health, models, metrics, transcriptions, diarization, speech, chat, admin, audio_proxy)
+ROUTE_FAMILIES = (health, models, metrics, transcriptions, diarization, realtime, speech, chat, admin, audio_proxy)
 
 
 async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:

@@ -169,6 +169,38 @@ def backend_unavailable(backend: Any) -> str | None:
     return check() if check is not None else None
 
 
+# --- voice activity detection ---------------------------------------------------
+
+
+class VoiceActivityStream(Protocol):
+    """One live audio stream's detector state (recurrent state, leftover samples)."""
+
+    def speech_probabilities(self, samples: "numpy.ndarray") -> "numpy.ndarray":
+        """Feed mono float32 samples at 16 kHz; return one speech probability in
+        [0, 1] per complete window of ``window_samples`` now available, in order.
+
+        Samples that do not fill a window are kept for the next call, so
+        window ``n`` always covers stream samples ``n*w .. (n+1)*w``.  Blocking:
+        the core calls it in a worker thread.
+        """
+
+
+@runtime_checkable
+class VadProvider(Protocol):
+    """A voice activity detector the realtime sessions use for server-side turn detection.
+
+    ``window_samples`` is the detector's window at 16 kHz (512 for Silero).
+    ``open_stream`` may load the detector on first call (blocking; called in
+    a worker thread) and must be safe to call from several threads.
+    """
+
+    name: str
+    window_samples: int
+
+    def open_stream(self) -> VoiceActivityStream:
+        """A fresh detector state for one audio stream."""
+
+
 # --- text-to-speech -----------------------------------------------------------
 
 

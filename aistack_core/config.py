@@ -99,6 +99,11 @@ class Config:
     # WebSocket sessions: ping interval, and how long one may go without a message either way
     ws_heartbeat_s: float = 20.0
     ws_idle_timeout_s: float = 300.0
+    # Live transcription (/v1/realtime): sessions at once, audio an utterance may
+    # wait for a busy slot, how often a growing utterance is decoded for deltas
+    realtime_max_sessions: int = 8
+    realtime_max_buffer_s: float = 30.0
+    realtime_partial_s: float = 1.0
     api_key: str | None = attrs.field(default=None, repr=False)
     # Everything, for plugins' own settings
     env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
@@ -168,6 +173,9 @@ class Config:
             "API_KEY": ("api_key", str),
             "WS_HEARTBEAT_S": ("ws_heartbeat_s", float),
             "WS_IDLE_TIMEOUT_S": ("ws_idle_timeout_s", float),
+            "REALTIME_MAX_SESSIONS": ("realtime_max_sessions", int),
+            "REALTIME_MAX_BUFFER_S": ("realtime_max_buffer_s", float),
+            "REALTIME_PARTIAL_S": ("realtime_partial_s", float),
         }
         for var, (field, convert) in simple.items():
             value = get(var)

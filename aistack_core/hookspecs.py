@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .backends import AsrBackend, DiarizationBackend, DoctorCheck, TtsBackend, Upstream
+    from .backends import AsrBackend, DiarizationBackend, DoctorCheck, TtsBackend, Upstream, VadProvider
     from .config import Config
 
 PROJECT = "aistack"
@@ -99,4 +99,21 @@ def register_diarization_backends(register: "Callable[[DiarizationBackend], None
     assigns them to the turns this backend finds, for
     ``response_format=diarized_json`` and ``/v1/audio/diarization``.  As for
     ASR backends, load no weights here; ``load`` is called on first use.
+    """
+
+
+@hookspec
+def register_vad(register: "Callable[[VadProvider], None]", config: "Config") -> None:
+    """Register voice activity detectors for live transcription's server-side turn detection.
+
+    :param register: call once per :class:`aistack_core.backends.VadProvider`.
+        Registering a ``name`` another plugin already holds raises
+        ``ValueError`` naming both.
+    :param config: the server's settings.
+
+    A realtime session with ``turn_detection: {"type": "server_vad"}`` uses
+    the first registered detector (in pluggy's call order); with none, the
+    core falls back to a plain loudness gate.  Detectors run on the CPU in
+    worker threads and never take the GPU slot; do not load weights here,
+    load them on the first ``open_stream``.
     """

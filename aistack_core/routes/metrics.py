@@ -39,6 +39,7 @@ async def get_admin_metrics(request: web.Request) -> web.Response:
         "loaded_models": state.loaded_models,
         "access_log": observability.access_log.status() if observability.access_log is not None else None,
         "payload_capture": observability.payloads.status() if observability.payloads is not None else None,
+        "realtime": observability.realtime.snapshot(recent=recent),
     }
     return web.json_response(body)
 
