@@ -40,7 +40,7 @@ from aiohttp import WSMsgType, web
 from ..backends import Segment, TranscriptionOptions
 from ..context import config_key, registry_key, slot_key
 from ..errors import AistackError, Busy, Malformed, Network, Overflow, Unknown
-from ..inference import Inference, inference
+from ..inference import Inference, client_gone, inference
 from ..media.live_audio import PCM_RATES, TARGET_RATE, InputFormat, LiveDecoder, SampledAudio
 from ..media.live_transcript import LiveTranscript
 from ..media.transcript import duration_usage, join_text
@@ -393,9 +393,15 @@ class RealtimeSession:
         for task in (self.partial_task, self.decoder_task):
             if task is not None and not task.done():
                 task.cancel()
-        # Cancelling waits for the worker threads (finish_in_thread), so the slot is free after this.
+        self._describe()  # first: the wait below may itself be cut short by a server shutdown
+        # The cancelled tasks wait for their worker threads (finish_in_thread) before they
+        # release the slot, so once this returns nothing of the session computes any more.
         await asyncio.gather(*(t for t in (self.partial_task, self.decoder_task) if t is not None),
                              return_exceptions=True)
+        self._describe()
+
+    def _describe(self) -> None:
+        """The session's access-log line: one per session, with its counts and latencies."""
         info = self.info
         info.capability = "asr"
         info.model = self.entry.card.id
@@ -782,6 +788,13 @@ async def get_realtime(request: web.Request) -> web.StreamResponse:
     try:
         await ws.prepare(request)
         await RealtimeSession(request, ws, entry, beta).run()
+    except asyncio.CancelledError:
+        # A server that cancels handlers on connection loss (aiohttp's handler_cancellation)
+        # does so when the client hangs up: for a session that is its normal end, not a failure.
+        task = asyncio.current_task()
+        if not client_gone(request) or task is None:
+            raise
+        task.uncancel()
     finally:
         stats.session_closed()
     return ws
