@@ -74,7 +74,7 @@ def test_registry_resolves_aliases_through_the_hook(tmp_path):
     plugins = load_plugins(load_entrypoints=False)
     plugins.register(fw, name="faster_whisper")
     registry = Registry.from_plugins(plugins, config(tmp_path))
-    assert plugins.records["faster_whisper"].registered == ["asr:whisper-tiny.en"]
+    assert plugins.records["faster_whisper"].registered == ["asr:whisper-tiny.en", "vad:silero"]
     for name in ("whisper-tiny.en", "WHISPER-1", "tiny", "tiny.en", "auto", ""):
         assert registry.resolve_asr(name, "en").card.id == "whisper-tiny.en"
 

@@ -75,6 +75,11 @@ class SpeechTurns:
                     self._silence_from = None
         return turns
 
+    @property
+    def pausing(self) -> bool:
+        """Speaking, but the last windows were quiet: the turn may be about to end."""
+        return self.speaking and self._silence_from is not None
+
     def reset(self) -> None:
         """Forget a turn in progress (the buffer was cleared or committed by hand)."""
         self.speaking = False

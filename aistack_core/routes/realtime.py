@@ -35,8 +35,9 @@ from typing import Any
 
 import attrs
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 
+from .. import security
 from ..backends import Segment, TranscriptionOptions
 from ..context import config_key, registry_key, slot_key
 from ..errors import AistackError, Busy, Malformed, Network, Overflow, Unknown
@@ -468,16 +469,26 @@ class RealtimeSession:
         if model.lower() in OPENAI_TRANSCRIBE_IDS and self.registry.find("asr", model) is None:
             model = AUTO_ALIAS
         try:
-            return self.registry.resolve_asr(model, settings.language)
+            entry = self.registry.resolve_asr(model, settings.language)
         except AistackError as exc:
             exc.param = "session.audio.input.transcription.model"
             raise
+        card, language = entry.card, normalize_language(settings.language)
+        if model.lower() != AUTO_ALIAS and language and card.languages is not None and language not in card.languages:
+            raise Malformed(
+                f"{card.id} does not transcribe {settings.language!r}; it knows {', '.join(card.languages[:20])}"
+                f"{' ...' if len(card.languages) > 20 else ''}. Choose another model or 'auto'.",
+                provider=card.provider, param="session.audio.input.transcription.language",
+                code="unsupported_language",
+            )
+        return entry
 
     async def on_append(self, event: dict) -> None:
         audio = event.get("audio")
         if not isinstance(audio, str):
             raise Malformed("'audio' must be a base64 string of audio bytes.", param="audio")
-        if len(audio) > (MAX_APPEND_BYTES * 4) // 3 + 4:
+        # The decoded size, known before decoding: a too-big chunk costs no work.
+        if len(audio) * 3 // 4 - (len(audio) - len(audio.rstrip("="))) > MAX_APPEND_BYTES:
             raise Overflow("One append may carry at most 15 MiB of audio; send smaller chunks.", param="audio",
                            code="audio_too_large")
         try:
@@ -518,7 +529,9 @@ class RealtimeSession:
             # A turn with no pause this long: cut it here and carry on with a new one.
             await self._speech_stopped(self.buffer.end, self.buffer.end)
             await self._speech_started(self.buffer.end, padded=False)
-        elif spoken >= self.next_partial:
+        elif spoken >= self.next_partial and not self.turns.pausing:
+            # Not in a pause: a partial started there would likely still run when the turn
+            # ends, and the final decode would wait for it.
             self._maybe_partial()
 
     def _ingest(self, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
@@ -753,6 +766,26 @@ _CONVERSATION_EVENTS = frozenset({
 # --- the handler -------------------------------------------------------------------------------
 
 
+def _check_origin(request: web.Request, config) -> None:
+    """Browsers do not apply CORS to WebSockets, so the origin rules are applied here.
+
+    A page may open a session when it comes from the gateway's own origin or
+    from one listed in ``AISTACK_CORS_ALLOW_ORIGINS`` (as it could call the
+    HTTP routes); clients that are not browsers send no ``Origin``.
+    """
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is None:
+        return
+    if origin.split("://", 1)[-1].rstrip("/") == request.host:
+        return
+    if config.cors_allow_origins and security.CorsPolicy(config.cors_allow_origins).allows(origin.rstrip("/")):
+        return
+    raise Malformed(
+        f"Origin {origin[:100]!r} may not open realtime sessions; add it to AISTACK_CORS_ALLOW_ORIGINS.",
+        status=403, code="origin_not_allowed",
+    )
+
+
 async def get_realtime(request: web.Request) -> web.StreamResponse:
     app = request.app
     config = app[config_key]
@@ -765,6 +798,7 @@ async def get_realtime(request: web.Request) -> web.StreamResponse:
             f"This server serves transcription sessions only (intent=transcription), not {intent[:40]!r}.",
             param="intent", code="unsupported_intent",
         )
+    _check_origin(request, config)
     ws = web.WebSocketResponse(
         protocols=("realtime",), heartbeat=config.ws_heartbeat_s or None, max_msg_size=MAX_MESSAGE_BYTES,
     )
