@@ -422,7 +422,7 @@ class RealtimeSession:
         try:
             try:
                 event = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
                 raise Malformed("Every message must be one JSON object (an event).", code="invalid_json") from None
             if not isinstance(event, dict):
                 raise Malformed("Every message must be one JSON object (an event).", code="invalid_event")
