@@ -10,12 +10,10 @@ SlowAsr test backend.
 from __future__ import annotations
 
 import asyncio
-import audioop  # noqa: F401 - only to cross-check the G.711 tables (deprecated, still in 3.11)
 import base64
 import functools
 import json
 import time
-import warnings
 
 import aiohttp
 import av
@@ -24,16 +22,17 @@ import pytest
 from openai import AsyncOpenAI
 
 from aistack_core import hookimpl
+from aistack_core.config import Config
+from aistack_core.context import registry_key, slot_key
 from aistack_core.media.live_audio import ALAW_TO_LINEAR, ULAW_TO_LINEAR, InputFormat, LiveDecoder
 from aistack_core.media.live_transcript import LiveTranscript
 from aistack_core.media.vad import SpeechTurns, TurnDetection
+from aistack_core.observe.middleware import observability_key
 from aistack_core.plugins import load_plugins
 from aistack_core.registry import Registry
 from aistack_plugins import faster_whisper as fw
 
 from . import helpers
-
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 UTTERANCES = [
     "Please call me back when you arrive at the station.",
@@ -438,7 +437,7 @@ async def test_utterances_wait_for_a_busy_slot_up_to_the_bound(slot_app, tmp_pat
 async def test_hang_up_cancels_the_decode_and_frees_the_slot(make_client):
     slow = helpers.SlowAsr("slow-asr", steps=100, step_s=0.1)  # a 10 s decode
     client = await make_client(plugins={"test-asr": helpers.BackendPlugin(slow)})
-    slot = client.app[__import__("aistack_core.context", fromlist=["slot_key"]).slot_key]
+    slot = client.app[slot_key]
     ws = await manual_session(client, "slow-asr")
     await ws.send_json({"type": "input_audio_buffer.append", "audio": pcm_b64(1.0)})
     await ws.send_json({"type": "input_audio_buffer.commit"})
@@ -477,8 +476,7 @@ async def test_max_sessions(make_client):
     assert (await response.json())["error"]["code"] == "too_many_sessions"
     await first.close()
     async with asyncio.timeout(5):
-        while client.app[__import__("aistack_core.observe.middleware", fromlist=["x"]).observability_key
-                         ].realtime.active:
+        while client.app[observability_key].realtime.active:
             await asyncio.sleep(0.02)
     second = await raw_session(client)
     await second.close()
@@ -541,7 +539,7 @@ async def test_hook_register_vad(make_client):
     client = await make_client(plugins={"test-asr": helpers.BackendPlugin(helpers.SlowAsr("fast-asr", steps=1,
                                                                                         step_s=0.0)),
                                         "loud-vad": plugin})
-    assert client.app[__import__("aistack_core.context", fromlist=["x"]).registry_key].vad_provider().name == "loud"
+    assert client.app[registry_key].vad_provider().name == "loud"
     ws = await raw_session(client)
     await ws.send_json({"type": "session.update", "session": {"audio": {"input": {
         "transcription": {"model": "fast-asr"},
@@ -564,7 +562,7 @@ async def test_hook_register_vad(make_client):
     plugins.register(fw, name="faster_whisper")
     plugins.register(LoudVadPlugin(), name="loud-vad")
     plugins.register(LoudVadPlugin(), name="loud-again")
-    registry = Registry.from_plugins(plugins, __import__("aistack_core.config", fromlist=["x"]).Config())
+    registry = Registry.from_plugins(plugins, Config())
     assert "vad:silero" in plugins.records["faster_whisper"].registered
     assert sorted(registry.vad) == ["loud", "silero"]
     clashed = [r for r in plugins.records.values() if r.status == "skipped"]
@@ -608,8 +606,9 @@ def test_live_transcript_deltas_always_add_up():
     assert transcript.text == "The quick brown fox jumps over it."
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_g711_tables_match_the_standard():
-    import audioop as reference
+    import audioop as reference  # deprecated, still in 3.11: the reference implementation of G.711
 
     codes = bytes(range(256))
     assert np.array_equal(np.frombuffer(reference.ulaw2lin(codes, 2), "<i2"), ULAW_TO_LINEAR)
