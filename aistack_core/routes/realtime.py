@@ -321,6 +321,7 @@ class RealtimeSession:
         self.decode_s = 0.0
         self.decoded_audio_s = 0.0
         self.final_latencies: list[float] = []
+        self.seconds_per_second = 0.0  # decode time per second of audio, smoothed: spaces the partials
         self._start_turns()
 
     # --- sending -----------------------------------------------------------------
@@ -658,7 +659,11 @@ class RealtimeSession:
         utterance = self.current
         assert utterance is not None
         samples = self.buffer.slice(self.speech_start, self.buffer.end)
-        self.next_partial = samples.size + int(self.config.realtime_partial_s * TARGET_RATE)
+        # On a slow or shared machine a partial can take longer than the interval: space them
+        # to at least twice the expected decode time, so partials use at most about half the
+        # time and the final decode (which waits for a partial in flight) is rarely held up.
+        expected_s = self.seconds_per_second * samples.size / TARGET_RATE
+        self.next_partial = samples.size + int(max(self.config.realtime_partial_s, 2 * expected_s) * TARGET_RATE)
         self.partial_task = asyncio.create_task(self._partial(utterance, samples))
 
     async def _partial(self, utterance: Utterance, samples: np.ndarray) -> None:
@@ -679,6 +684,7 @@ class RealtimeSession:
             return
         self.partials += 1
         utterance.partials += 1
+        self._learn_speed(elapsed, samples.size / TARGET_RATE)
         self.decode_s += elapsed
         self.stats.decoded(elapsed, partial=True)
         if utterance.samples is not None:
@@ -725,6 +731,7 @@ class RealtimeSession:
                 log.exception("realtime decode failed")
                 await self._failed(utterance, Unknown(f"Transcription failed: {type(exc).__name__}: {exc}"))
                 return
+        self._learn_speed(elapsed, audio.duration)
         self.decode_s += elapsed
         self.decoded_audio_s += audio.duration
         self.stats.decoded(elapsed, partial=False)
@@ -751,6 +758,10 @@ class RealtimeSession:
         self.stats.utterance(UtteranceRecord(time.time(), self.info.request_id, utterance.item_id,
                                              self.entry.card.id, audio.duration, "completed", slot_wait, elapsed,
                                              latency, utterance.partials))
+
+    def _learn_speed(self, elapsed: float, audio_s: float) -> None:
+        if audio_s > 0:
+            self.seconds_per_second = 0.7 * self.seconds_per_second + 0.3 * (elapsed / audio_s)
 
     async def _slot_freed(self) -> None:
         while not self.slot.is_free:
