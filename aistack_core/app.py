@@ -19,21 +19,28 @@ from .context import (
     slot_key,
     upstream_sessions_key,
 )
-from .errors import error_middleware
+from .errors import error_middleware, server_log
 from .load import InFlight, count_in_flight, in_flight_key
 from .model_cache import ModelCache
 from .observe import middleware as observe
 from .plugins import PluginSet, load_plugins
 from .registry import Registry
-from .routes import admin, audio_proxy, chat, diarization, health, metrics, models, realtime, speech, transcriptions
+from .routes import (
+    admin, audio_proxy, chat, diarization, fallback, health, metrics, models, openapi, realtime, speech,
+    transcriptions,
+)
 from .slot import GpuSlot
 from .upstreams import UpstreamProbes, probes_key, recheck_down_replicas
 
 log = logging.getLogger("aistack.app")
 
 # Route families in the order their routes are matched: the catch-all
-# /v1/audio/{tail} proxy comes after the /v1/audio routes served here.
-ROUTE_FAMILIES = (health, models, metrics, transcriptions, diarization, realtime, speech, chat, admin, audio_proxy)
+# /v1/audio/{tail} proxy comes after the /v1/audio routes served here, and
+# the fallback (404/405 for every other path) after everything.
+ROUTE_FAMILIES = (
+    health, models, metrics, transcriptions, diarization, realtime, speech, chat, admin, openapi, audio_proxy,
+    fallback,
+)
 
 
 async def _upstream_sessions(app: web.Application) -> AsyncIterator[None]:
@@ -92,6 +99,8 @@ def create_app(config: Config | None = None, *, plugins: PluginSet | None = None
         ],
         # Bodies are read by forms.py, which sets each route's own limit.
         client_max_size=1 << 40,
+        # aiohttp's own parser refusals: one log line each, not a traceback at ERROR.
+        handler_args={"logger": server_log},
     )
     app[config_key] = config
     app[plugins_key] = plugins

@@ -17,9 +17,10 @@ request field at fault or None.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .observe.record import REQUEST_INFO
 
@@ -62,7 +63,10 @@ class AistackError(Exception):
         }}
 
     def to_response(self) -> web.Response:
-        return web.json_response(self.envelope(), status=self.status, headers=self.headers)
+        response = web.json_response(self.envelope(), status=self.status, headers=self.headers)
+        if self.headers.get("Connection", "").lower() == "close":
+            response.force_close()  # the server, too, must not wait for another request on it
+        return response
 
 
 class Malformed(AistackError):
@@ -206,3 +210,27 @@ def _started_response(request: web.Request) -> web.StreamResponse | None:
     info = request.get(REQUEST_INFO)
     response = info.prepared_response if info is not None else None
     return response if response is not None and response.prepared else None
+
+
+class ServerLog(logging.LoggerAdapter):
+    """The logger aiohttp's connection handler writes to (``handler_args={"logger": ...}``).
+
+    aiohttp logs every request its parser refuses (a URL over 8 KB, too many
+    headers, Transfer-Encoding with Content-Length, an unknown
+    Content-Encoding) with a full traceback at ERROR: one cheap request, a
+    screenful of log.  Those are the client's mistakes and get one WARNING
+    line; anything else keeps its traceback.  (The 400 itself is aiohttp's
+    plain-text answer: its parser refuses the request before the app, and
+    so the envelope, is reached.)
+    """
+
+    def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            detail = " ".join(str(exc_info.message).split()) or type(exc_info).__name__
+            self.warning("refused a malformed request: %s (%s %s)", detail, exc_info.code,
+                         msg % args if args else msg)
+            return
+        self.error(msg, *args, exc_info=exc_info, **kwargs)
+
+
+server_log = ServerLog(logging.getLogger("aistack.server"), {})

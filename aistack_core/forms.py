@@ -32,6 +32,7 @@ import aiohttp
 import attrs
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 from .errors import Malformed, Network, Overflow
 from .observe.capture import tee_request_body
@@ -165,13 +166,13 @@ async def defer_continue(request: web.Request) -> None:
 _CONTINUE_SENT = web.RequestKey("aistack.continue_sent", bool)
 
 
-def send_continue(request: web.Request) -> None:
+async def send_continue(request: web.Request) -> None:
     """Invite the body now, if the client waits for ``100 Continue`` and nobody sent it yet."""
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue" or request.get(_CONTINUE_SENT):
         return
     request[_CONTINUE_SENT] = True
     if request.version >= aiohttp.HttpVersion11 and request.writer is not None:
-        request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 # --- reading --------------------------------------------------------------------
@@ -199,14 +200,33 @@ def inflated_limit(request: web.BaseRequest, limit: int) -> int:
     return min(limit, max(request.content_length * MAX_DECOMPRESSION_RATIO, READ_CHUNK))
 
 
+# How aiohttp's server says a body broke on the way in: a bad chunk, a truncated
+# body, a Content-Encoding that does not decode (RequestPayloadError).
+_PAYLOAD_ERRORS = (HttpProcessingError, aiohttp.ClientPayloadError, RequestPayloadError)
+
+
+def broken_body(request: web.BaseRequest, error: Malformed) -> Malformed:
+    """``error`` for a body that broke in transit, with the connection marked for closing.
+
+    The rest of such a body cannot be read (aiohttp would fail again draining
+    it after the answer and log a traceback), and the connection's framing is
+    not to be trusted: the answer ends the connection.
+    """
+    request.content.feed_eof()
+    error.headers[hdrs.CONNECTION] = "close"
+    return error
+
+
 def _bad_body(exc: BaseException, request: web.BaseRequest) -> Malformed:
+    if not isinstance(exc, _PAYLOAD_ERRORS):
+        return Malformed(f"The request body could not be read ({_short(exc)}).", code="invalid_body")
     if _is_compressed(request):
-        return Malformed(
+        return broken_body(request, Malformed(
             f"The request body could not be decompressed as {request.headers[hdrs.CONTENT_ENCODING]!r} "
             f"({type(exc).__name__}). Send it uncompressed or correctly encoded.",
             code="invalid_body",
-        )
-    return Malformed(f"The request body could not be read ({type(exc).__name__}: {exc}).", code="invalid_body")
+        ))
+    return broken_body(request, Malformed(f"The request body could not be read ({_short(exc)}).", code="invalid_body"))
 
 
 def _check_length(request: web.BaseRequest, limit: int, setting: str | None) -> None:
@@ -218,7 +238,7 @@ def _check_length(request: web.BaseRequest, limit: int, setting: str | None) -> 
 async def read_body(request: web.Request, max_bytes: int = DEFAULT_MAX_BODY_BYTES, *, setting: str | None = None) -> bytes:
     """The whole body, bounded as it arrives (decompressed bytes count)."""
     _check_length(request, max_bytes, setting)
-    send_continue(request)
+    await send_continue(request)
     limit = inflated_limit(request, max_bytes)
     chunks: list[bytes] = []
     size = 0
@@ -229,7 +249,7 @@ async def read_body(request: web.Request, max_bytes: int = DEFAULT_MAX_BODY_BYTE
                 raise _too_large("The request body" + (" as decompressed" if _is_compressed(request) else ""),
                                  limit, setting)
             chunks.append(chunk)
-    except (HttpProcessingError, aiohttp.ClientPayloadError, ValueError) as exc:
+    except _PAYLOAD_ERRORS + (ValueError,) as exc:
         raise _bad_body(exc, request) from None
     body = b"".join(chunks)
     tee_request_body(request, body)
@@ -361,7 +381,7 @@ async def _read_streamed_multipart(
     limit = policy.max_bytes
     # Text fields may add a little to the file's size.
     _check_length(request, limit + MAX_FIELD_BYTES * 16, policy.setting)
-    send_continue(request)
+    await send_continue(request)
     inflated = inflated_limit(request, limit + MAX_FIELD_BYTES * 16)
     form = Form(raw_values={})
     received = 0
@@ -398,8 +418,7 @@ async def _read_streamed_multipart(
             _add_raw(form.raw_values, name, text)
     except BaseException as exc:
         form.discard()
-        if isinstance(exc, (HttpProcessingError, aiohttp.ClientPayloadError, ValueError, LookupError,
-                            AssertionError, UnicodeDecodeError)):
+        if isinstance(exc, _PAYLOAD_ERRORS + (ValueError, LookupError, AssertionError, UnicodeDecodeError)):
             # aiohttp's words for a broken multipart body, a bad header line, an inflate failure
             raise _bad_multipart(exc, request) from None
         raise
@@ -408,7 +427,7 @@ async def _read_streamed_multipart(
 
 
 def _bad_multipart(exc: BaseException, request: web.BaseRequest) -> Malformed:
-    if _is_compressed(request) and isinstance(exc, (HttpProcessingError, aiohttp.ClientPayloadError)):
+    if isinstance(exc, _PAYLOAD_ERRORS):
         return _bad_body(exc, request)
     return Malformed(
         f"The multipart/form-data body could not be read ({_short(exc)}). Send a well-formed form.",
@@ -433,7 +452,8 @@ async def _spool(request: web.Request, part: Any, policy: UploadPolicy, limit: i
             while chunk := await part.read_chunk(READ_CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise _too_large("The uploaded file", limit, policy.setting)
+                    what = "The uploaded file as decompressed" if _is_compressed(request) else "The uploaded file"
+                    raise _too_large(what, limit, policy.setting)
                 tee_request_body(request, chunk)  # a no-op unless payload capture is on
                 try:
                     await asyncio.to_thread(out.write, chunk)

@@ -42,7 +42,7 @@ from yarl import URL
 from .backends import Upstream
 from .context import config_key, upstream_sessions_key
 from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
-from .forms import send_continue
+from .forms import broken_body, send_continue
 from .inference import client_gone, inference
 from .observe.capture import upstream_body
 from .observe.record import RequestInfo, request_info
@@ -307,7 +307,7 @@ async def forward(
     if body is not None:
         data: object = body
     elif request.body_exists:
-        send_continue(request)  # the checks passed: now the client may send the body
+        await send_continue(request)  # the checks passed: now the client may send the body
         data = upstream_body(request)  # the client's stream, teed into a capture when on
     else:
         data = None
@@ -334,10 +334,10 @@ async def forward(
             if client_gone(request):
                 raise _note_client_left(info, "while sending the request upstream") from None
             if request.content.exception() is not None:  # the client's body broke, not the upstream
-                raise Malformed(
-                    f"The request body could not be read to forward it ({type(exc).__name__}).",
+                raise broken_body(request, Malformed(
+                    f"The request body could not be read to forward it ({_body_failure(request)}).",
                     code="invalid_body",
-                ) from None
+                )) from None
             error = _trip_error(exc, upstream, failed.base_url)
             log.warning("%s %s -> %s failed: %s", request.method, target, upstream.name, error.message)
             raise error from None
@@ -377,6 +377,13 @@ async def forward(
                 upstream_response.release()  # body fully read: the connection may be reused
             else:
                 upstream_response.close()  # the upstream sees the disconnect now
+
+
+def _body_failure(request: web.Request) -> str:
+    cause = request.content.exception()
+    if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        return f"it does not decompress as {request.headers['Content-Encoding']!r}"
+    return type(cause).__name__
 
 
 def _note_client_left(info: RequestInfo, when: str) -> Cancelled:
