@@ -24,6 +24,9 @@ from .security import warn_if_exposed
 
 log = logging.getLogger("aistack")
 
+# How long a connection may take to deliver a request's headers (and stay idle between requests).
+HEADER_TIMEOUT_S = 30.0
+
 
 class RequestIdLogFilter(logging.Filter):
     """Adds ``request_id`` to every log record so formatters can show it."""
@@ -112,7 +115,11 @@ async def _run_server(app: web.Application, config: Config) -> None:
     The site is started before anything says "listening", so a taken port is
     reported as such (:class:`CannotListen`) instead of after a false start.
     """
-    runner = web.AppRunner(app, access_log=None)
+    # aiohttp closes a connection that has not delivered a whole request within
+    # keepalive_timeout of opening (or of its last answer): the header-read
+    # timeout for half-open and slow-header connections.
+    header_timeout_s = config.env_float("AISTACK_HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=header_timeout_s)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

@@ -11,7 +11,9 @@ accept their speaker names.  The bundled voice also takes the plain alias
 
 Piper speaks one sentence at a time, so ``synthesize`` yields one chunk per
 sentence and the core can stream the first sentence while the rest is
-still being computed.  ``speed`` is done natively through Piper's
+still being computed.  A sentence longer than ``MAX_PIECE_CHARS`` is cut at
+its clauses (or words) first: one model run stays well under a second, so
+a client that hangs up frees the slot within about a second.  ``speed`` is done natively through Piper's
 length_scale, corrected so the audio really is 1/speed as long (see
 ``LoadedVoice.plan_speed``); only beyond about 2.3x (joe), where the model cannot
 talk faster, is the rest made up by a pitch-keeping time-stretch.
@@ -24,10 +26,12 @@ usable CPU cores, at most 4).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -108,6 +112,52 @@ class SpeedPlan:
 
     length_scale: float
     stretch: float = 1.0
+
+
+# How often a running synthesis looks at its cancel token.
+CANCEL_POLL_S = 0.05
+
+
+class InterruptibleSession:
+    """A voice's ONNX session whose model run a cancelled request can stop midway.
+
+    Piper calls ``session.run`` once per sentence piece and passes no run
+    options; this wrapper adds ONNX Runtime's ``RunOptions``, whose
+    ``terminate`` flag the runtime checks between operators.  While a
+    synthesis runs, a watcher sets it as soon as the cancel token is: the
+    slot is free within a fraction of a second even on a slow CPU.  One
+    synthesis at a time uses a voice (the GPU slot serialises inference).
+    """
+
+    def __init__(self, session: onnxruntime.InferenceSession) -> None:
+        self._session = session
+        self._options: onnxruntime.RunOptions | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self._session.run(output_names, input_feed, run_options or self._options)
+
+    @contextlib.contextmanager
+    def stoppable_by(self, cancel: CancelToken):
+        options = onnxruntime.RunOptions()
+        finished = threading.Event()
+
+        def watch() -> None:
+            while not finished.wait(CANCEL_POLL_S):
+                if cancel.cancelled:
+                    options.terminate = True
+                    return
+
+        self._options = options
+        watcher = threading.Thread(target=watch, name="piper-cancel-watch", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            finished.set()
+            self._options = None
 
 
 @attrs.frozen
@@ -221,7 +271,7 @@ class PiperBackend:
                 f"Piper voice {self.files.model_path} could not be loaded: {type(exc).__name__}: {exc}",
                 provider=PROVIDER,
             ) from exc
-        voice = PiperVoice(session=session, config=PiperConfig.from_dict(settings))
+        voice = PiperVoice(session=InterruptibleSession(session), config=PiperConfig.from_dict(settings))
         fraction = measure_scaling_fraction(voice)
         log.info("piper voice %s loaded (%d threads, speed scaling fraction %.2f)",
                  self.files.stem, self.threads, fraction)
@@ -250,19 +300,67 @@ class PiperBackend:
     ) -> Iterator[np.ndarray]:
         plan = model.plan_speed(options.speed)
         synthesis = SynthesisConfig(speaker_id=speaker_id, length_scale=plan.length_scale)
-        cancel.raise_if_cancelled()
-        # Piper phonemizes the whole text up front, then runs the model lazily per sentence.
-        sentences = iter(model.voice.synthesize(options.text, synthesis))
-        while True:
-            cancel.raise_if_cancelled()
-            try:
-                chunk = next(sentences)
-            except StopIteration:
-                return
-            except Exception as exc:
-                raise Unknown(f"Piper failed to synthesize: {type(exc).__name__}: {exc}", provider=PROVIDER) from exc
-            pcm = chunk.audio_int16_array
-            yield time_stretch(pcm, self.sample_rate, plan.stretch) if plan.stretch != 1.0 else pcm
+        session = model.voice.session
+        with session.stoppable_by(cancel) if isinstance(session, InterruptibleSession) else contextlib.nullcontext():
+            for piece in speakable_pieces(options.text):
+                cancel.raise_if_cancelled()
+                # Piper phonemizes a piece up front, then runs the model lazily per sentence in it.
+                sentences = iter(model.voice.synthesize(piece, synthesis))
+                while True:
+                    cancel.raise_if_cancelled()
+                    try:
+                        chunk = next(sentences)
+                    except StopIteration:
+                        break
+                    except Exception as exc:
+                        cancel.raise_if_cancelled()  # the run was stopped because the client left
+                        raise Unknown(f"Piper failed to synthesize: {type(exc).__name__}: {exc}",
+                                      provider=PROVIDER) from exc
+                    pcm = chunk.audio_int16_array
+                    yield time_stretch(pcm, self.sample_rate, plan.stretch) if plan.stretch != 1.0 else pcm
+
+
+# One model run per piece: at most this many characters (about ten seconds of
+# speech, well under a second of CPU), so a cancelled request stops within
+# about a second and the first audio of a long sentence comes sooner.
+MAX_PIECE_CHARS = 160
+_SENTENCE_END = re.compile(r"(?<=[.!?;\u2026])\s+|(?<=[\u3002\uff01\uff1f])\s*")
+_CLAUSE_END = re.compile(r"(?<=[,:\u2013\u2014\u3001\uff0c])\s*")
+
+
+def speakable_pieces(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
+    """``text`` cut into pieces of at most ``max_chars``: whole sentences where they fit,
+    else clauses (at commas, colons, dashes), else groups of words, else (a "word"
+    longer than a piece) plain slices."""
+    fragments: list[str] = []
+    for sentence in _SENTENCE_END.split(text):
+        sentence = sentence.strip()
+        if not sentence:
+            continue
+        if len(sentence) <= max_chars:
+            fragments.append(sentence)
+            continue
+        for clause in _packed(_CLAUSE_END.split(sentence), max_chars, " "):
+            if len(clause) <= max_chars:
+                fragments.append(clause)
+                continue
+            for words in _packed(clause.split(), max_chars, " "):
+                fragments.extend(words[i:i + max_chars] for i in range(0, len(words), max_chars))
+    # Short sentences travel together, as Piper would read them.
+    return _packed(fragments, max_chars, " ")
+
+
+def _packed(parts: list[str], max_chars: int, joiner: str) -> list[str]:
+    """Neighbouring ``parts`` joined while the result stays within ``max_chars``."""
+    packed: list[str] = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if packed and len(packed[-1]) + len(joiner) + len(part) <= max_chars:
+            packed[-1] += joiner + part
+        else:
+            packed.append(part)
+    return packed
 
 
 def bundled_voice() -> VoiceFiles | None:

@@ -110,6 +110,17 @@ async def gateway(base_config, plugin_set):
         yield factory
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (the in-process server's), from /proc."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
 def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
@@ -269,6 +280,8 @@ async def test_gzip_bomb_upload_is_refused_before_it_fills_the_disk(make_client,
             await asyncio.sleep(0.01)
 
     watcher = asyncio.create_task(watch_spool())
+    reset_peak_rss()
+    rss_before = peak_rss_mb()
     try:
         response = await client.post(ASR_URL, data=body, headers={
             "Content-Type": f"multipart/form-data; boundary={boundary.decode()}", "Content-Encoding": "gzip"})
@@ -278,6 +291,7 @@ async def test_gzip_bomb_upload_is_refused_before_it_fills_the_disk(make_client,
     finally:
         watcher.cancel()
     assert observed_peak < 64 * 1024 * 1024, observed_peak
+    assert peak_rss_mb() - rss_before < 200, "inflating the bomb cost the server memory"
     assert leftovers(base_config.upload_dir) == []
 
 
@@ -557,3 +571,195 @@ async def test_slow_probe_answer_is_kept(gateway, upstreams):
         await asyncio.sleep(1.0)
         later = await client.get("/v1/models")
         assert "llama3.2:1b" in {m["id"] for m in (await later.json())["data"]}
+
+
+# --- resources: WebSocket heartbeat and idle limit, TTS cancellation --------------------------
+
+
+async def wait_until(predicate, timeout_s: float) -> float | None:
+    """Seconds until ``predicate()`` held, or None if it never did within ``timeout_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if predicate():
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def test_websocket_peer_that_stops_answering_pings_is_closed(gateway, upstreams):
+    async with upstreams() as (tts, ollama):
+        client = await gateway(tts.url, ws_heartbeat_s=0.3, ws_idle_timeout_s=0)
+        slot = client.app[slot_key]
+        # autoping off and never reading: a peer that vanished without closing.
+        ws = await client.ws_connect("/v1/audio/speech/stream", autoping=False)
+        try:
+            assert await wait_until(lambda: not slot.is_free, 2.0) is not None
+            freed = await wait_until(lambda: slot.is_free, 3.0)
+            assert freed is not None, "the slot stayed held by a peer that answers no ping"
+            session = tts.websocket_sessions[-1]
+            assert await wait_until(lambda: session.finished_at is not None, 2.0) is not None
+        finally:
+            await ws.close()
+
+
+async def test_websocket_idle_limit_closes_the_session(gateway, upstreams):
+    async with upstreams() as (tts, ollama):
+        client = await gateway(tts.url, ws_heartbeat_s=0.2, ws_idle_timeout_s=0.8)
+        slot = client.app[slot_key]
+        async with client.ws_connect("/v1/audio/speech/stream") as ws:  # answers pings, says nothing
+            opened = time.monotonic()
+            message = await ws.receive(timeout=5)
+            idle_for = time.monotonic() - opened
+            assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), message
+            assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+            assert 0.7 <= idle_for < 2.5, idle_for
+        assert await wait_until(lambda: slot.is_free, 1.0) is not None
+        # A session that talks is not idle: messages keep it open past the limit.
+        async with client.ws_connect("/v1/audio/speech/stream") as ws:
+            reader = asyncio.create_task(ws.receive())  # reading is what answers the pings
+            await ws.send_json({"type": "session.config", "voice": "vivian", "response_format": "pcm"})
+            for _ in range(4):
+                await asyncio.sleep(0.4)
+                assert not reader.done(), reader.result()
+                await ws.send_json({"type": "input.text", "text": "More words. "})
+            reader.cancel()
+
+
+def test_long_sentences_are_cut_into_small_pieces():
+    from aistack_plugins.piper import MAX_PIECE_CHARS, speakable_pieces
+
+    one_sentence = ("the parcel that we sent on Monday, which was heavy and wrapped in brown paper, "
+                    "travelled through three cities before it reached the small village by the lake ") * 10
+    pieces = speakable_pieces(one_sentence)
+    assert len(pieces) >= 10 and all(len(piece) <= MAX_PIECE_CHARS for piece in pieces)
+    assert " ".join(pieces).split() == one_sentence.split(), "nothing lost, nothing reordered"
+    assert speakable_pieces("Short one. Another short one!") == ["Short one. Another short one!"]
+    assert all(len(p) <= MAX_PIECE_CHARS for p in speakable_pieces("x" * 1000))
+    assert "".join(speakable_pieces("y" * 1000)) == "y" * 1000
+
+
+async def test_long_tts_sentence_is_cancelled_within_a_second(gateway):
+    """One 1,400-character sentence, streamed; the client hangs up during synthesis."""
+    import aistack_plugins.piper
+
+    client = await gateway(plugins={"piper": aistack_plugins.piper})
+    slot = client.app[slot_key]
+    sentence = ("the orchestra kept playing while the audience, tired but happy after the long evening, "
+                "slowly found their coats and walked out into the cold winter night ") * 9
+    # No model load inside the measured window: the first request loads the voice.
+    warm = await client.post("/v1/audio/speech", json={"model": "piper", "input": "Warm up.", "cache": False})
+    assert warm.status == 200
+    response = await client.post("/v1/audio/speech", json={
+        "model": "piper", "input": sentence, "stream": True, "response_format": "pcm", "cache": False})
+    assert response.status == 200
+    assert await wait_until(lambda: not slot.is_free, 2.0) is not None
+    await asyncio.sleep(0.3)  # mid-piece
+    response.close()
+    freed_after = await wait_until(lambda: slot.is_free, 5.0)
+    assert freed_after is not None and freed_after < 1.0, freed_after
+
+
+# --- the server itself: raw sockets against `aistack serve` ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real `aistack serve` (no plugins), its port and its log."""
+    folder = tmp_path_factory.mktemp("served")
+    port = free_port()
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "AISTACK_LOAD_PLUGINS": "", "AISTACK_PORT": str(port),
+        "AISTACK_API_KEY": KEY, "AISTACK_HEADER_TIMEOUT_S": "1.5", "AISTACK_OBS_ACCESS_LOG": "off",
+        "AISTACK_UPLOAD_DIR": str(folder / "uploads"), "AISTACK_OBS_LOG_DIR": str(folder / "logs"),
+        "AISTACK_TTS_CACHE_DIR": str(folder / "cache"),
+    }
+    log_path = folder / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "aistack_core", "serve"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                assert process.poll() is None, log_path.read_text()
+                time.sleep(0.2)
+            yield port, log_path
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+
+
+def test_half_sent_request_line_is_closed_after_the_header_timeout(served):
+    port, _ = served
+    for partial in (b"GET /hea", b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Len"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(partial)
+            try:
+                leftover = sock.recv(1024)  # b"" once the server closes
+            except ConnectionResetError:
+                leftover = b""
+            waited = time.monotonic() - started
+        assert leftover == b"" or leftover.startswith(b"HTTP/1.1 4"), leftover
+        assert 1.0 <= waited < 5.0, waited
+
+
+def test_slow_headers_cannot_hold_a_connection(served):
+    """A client that trickles a header byte now and then is still cut off."""
+    port, _ = served
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.1)
+            if time.monotonic() - started > 6:
+                break
+        if not closed:
+            sock.settimeout(3)
+            with contextlib.suppress(ConnectionResetError):
+                closed = sock.recv(1024) == b""
+    assert closed and time.monotonic() - started < 6
+
+
+def test_parser_refusals_are_one_log_line_each(served):
+    port, log_path = served
+    before = log_path.read_text()
+    attacks = {
+        "url over 8 KB": b"GET /v1/models?q=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "too many headers": b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"".join(
+            b"X-H%d: v\r\n" % i for i in range(300)) + b"\r\n",
+        "TE with CL": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        "unknown Content-Encoding": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                                     b"Content-Encoding: br\r\n\r\n{}"),
+        "header line over 8 KB": b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+    }
+    for what, request in attacks.items():
+        answer = raw_exchange(port, request, read_timeout=3)
+        assert re.match(rb"HTTP/1\.[01] 4\d\d ", answer), (what, answer[:200])
+    time.sleep(0.5)
+    new_lines = log_path.read_text()[len(before):].splitlines()
+    assert not any("Traceback" in line for line in new_lines), "\n".join(new_lines)
+    refusals = [line for line in new_lines if "refused a malformed request" in line]
+    assert len(refusals) == len(attacks), "\n".join(new_lines)
+    assert all(" ERROR " not in line for line in refusals)
+    # Still serving.
+    assert status_of(raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
+
+
+def test_expect_continue_on_a_real_server_waits_for_the_key(served):
+    port, _ = served
+    request = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+               b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 500000000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        first = sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 401"), first[:200]
+    assert b"100 Continue" not in first
