@@ -19,6 +19,7 @@ API key (a middleware, before any route) and the size check have passed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -441,29 +442,40 @@ async def _spool(request: web.Request, part: Any, policy: UploadPolicy, limit: i
     match = _SAFE_SUFFIX.search(filename or "")
     suffix = match.group(0) if match else ""  # only a plain extension reaches the file system
     try:
-        policy.directory.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix="aistack-upload-", suffix=suffix, dir=policy.directory)
+        handle, name = await asyncio.to_thread(_new_spool_file, policy.directory, suffix)
     except OSError as exc:
         raise _upload_dir_error(policy, exc) from None
     path = Path(name)
     size = 0
+    out = os.fdopen(handle, "wb")
     try:
-        with os.fdopen(handle, "wb") as out:
-            while chunk := await part.read_chunk(READ_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    what = "The uploaded file as decompressed" if _is_compressed(request) else "The uploaded file"
-                    raise _too_large(what, limit, policy.setting)
-                tee_request_body(request, chunk)  # a no-op unless payload capture is on
-                try:
-                    await asyncio.to_thread(out.write, chunk)
-                except OSError as exc:
-                    raise _upload_dir_error(policy, exc) from None
+        while chunk := await part.read_chunk(READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                what = "The uploaded file as decompressed" if _is_compressed(request) else "The uploaded file"
+                raise _too_large(what, limit, policy.setting)
+            tee_request_body(request, chunk)  # a no-op unless payload capture is on
+            try:
+                await asyncio.to_thread(out.write, chunk)
+            except OSError as exc:
+                raise _upload_dir_error(policy, exc) from None
+        try:
+            # Closing flushes the last buffered bytes: a full disk may say so only now.
+            await asyncio.to_thread(out.close)
+        except OSError as exc:
+            raise _upload_dir_error(policy, exc) from None
     except BaseException:
+        with contextlib.suppress(OSError):
+            out.close()
         path.unlink(missing_ok=True)
         raise
     content_type = part.headers.get(hdrs.CONTENT_TYPE)
     return Upload(path, _printable(filename), size, content_type)
+
+
+def _new_spool_file(directory: Path, suffix: str) -> tuple[int, str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix="aistack-upload-", suffix=suffix, dir=directory)
 
 
 def _upload_dir_error(policy: UploadPolicy, exc: OSError) -> Network:

@@ -662,6 +662,9 @@ async def test_long_tts_sentence_is_cancelled_within_a_second(gateway):
 # --- the server itself: raw sockets against `aistack serve` ------------------------------------
 
 
+FILE_LIMIT_MB = 4
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A real `aistack serve` (no plugins), its port and its log."""
@@ -674,9 +677,18 @@ def served(tmp_path_factory):
         "AISTACK_TTS_CACHE_DIR": str(folder / "cache"),
     }
     log_path = folder / "server.log"
+
+    def small_disk() -> None:
+        # The server's files may grow to FILE_LIMIT_MB only: an upload folder that fills up.
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT_MB << 20, FILE_LIMIT_MB << 20))
+
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "aistack_core", "serve"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, preexec_fn=small_disk)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -763,3 +775,15 @@ def test_expect_continue_on_a_real_server_waits_for_the_key(served):
         first = sock.recv(65536)
     assert first.startswith(b"HTTP/1.1 401"), first[:200]
     assert b"100 Continue" not in first
+
+
+def test_full_upload_dir_is_a_503_naming_the_setting(served):
+    port, _ = served
+    body, content_type = multipart([file_part(bytes(FILE_LIMIT_MB * 1024 * 1024 + 4096)), text_part("model", "x")])
+    request = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Type: " + content_type.encode() +
+               b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = raw_exchange(port, request, read_timeout=20)
+    assert status_of(answer) == 503, answer[:400]
+    error = envelope_of(answer)["error"]
+    assert error["code"] == "upload_dir_unwritable" and "AISTACK_UPLOAD_DIR" in error["message"]
