@@ -44,7 +44,7 @@ from .context import config_key, upstream_sessions_key
 from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
 from .forms import broken_body, send_continue
 from .inference import client_gone, inference
-from .observe.capture import upstream_body
+from .observe.capture import redact_query, upstream_body
 from .observe.record import RequestInfo, request_info
 from .upstreams import probes_key
 
@@ -126,6 +126,12 @@ def _target_without_key(target: str, request: web.Request) -> str:
         return target
     kept = [pair for pair in query.split("&") if urllib.parse.unquote_plus(pair.partition("=")[2]) != key]
     return path + ("?" + "&".join(kept) if kept else "")
+
+
+def _for_log(target: str) -> str:
+    """A request target fit for the server log: credential-looking query values redacted."""
+    path, question, query = target.partition("?")
+    return path + "?" + redact_query(query) if question else path
 
 
 def _request_only(request: web.Request, replacing_body: bool) -> frozenset[str]:
@@ -219,7 +225,7 @@ async def _connect_first_reachable(request: web.Request, upstream: Upstream, tar
             if _refused(exc):
                 probes.mark_down(upstream, base_url, f"{type(exc).__name__}: {exc}")
                 if position + 1 < len(candidates):
-                    log.info("%s -> %s at %s refused; trying %s", target, upstream.name, base_url,
+                    log.info("%s -> %s at %s refused; trying %s", _for_log(target), upstream.name, base_url,
                              candidates[position + 1])
                     continue
             raise _TripFailed(exc, base_url) from exc
@@ -339,7 +345,7 @@ async def forward(
                     code="invalid_body",
                 )) from None
             error = _trip_error(exc, upstream, failed.base_url)
-            log.warning("%s %s -> %s failed: %s", request.method, target, upstream.name, error.message)
+            log.warning("%s %s -> %s failed: %s", request.method, _for_log(target), upstream.name, error.message)
             raise error from None
 
         response = web.StreamResponse(
@@ -363,7 +369,7 @@ async def forward(
         except _UpstreamBroke as broke:
             log.warning(
                 "%s %s: %s failed after %d bytes were relayed (%s); closing the client connection",
-                request.method, target, upstream.name, relayed, broke.reason,
+                request.method, _for_log(target), upstream.name, relayed, broke.reason,
             )
             info.upstream_error = broke.reason
             _abort_client(request)
@@ -488,7 +494,7 @@ async def forward_websocket(
                 provider=upstream.provider,
             ) from None
         error = _trip_error(exc, upstream, failed.base_url)
-        log.warning("WebSocket %s -> %s failed: %s", target, upstream.name, error.message)
+        log.warning("WebSocket %s -> %s failed: %s", _for_log(target), upstream.name, error.message)
         raise error from None
 
     sent_to_client = [0]
@@ -507,7 +513,7 @@ async def forward_websocket(
         try:
             done, _ = await asyncio.wait({to_upstream, to_client, idle}, return_when=asyncio.FIRST_COMPLETED)
             if idle in done:
-                log.info("WebSocket %s idle for %g s; closing it", target, config.ws_idle_timeout_s)
+                log.info("WebSocket %s idle for %g s; closing it", _for_log(target), config.ws_idle_timeout_s)
                 await client_ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"idle timeout")
                 await upstream_ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
             elif to_upstream in done:

@@ -14,6 +14,7 @@ import contextlib
 import gzip
 import io
 import json
+import logging
 import os
 import re
 import socket
@@ -602,11 +603,13 @@ async def test_websocket_peer_that_stops_answering_pings_is_closed(gateway, upst
             await ws.close()
 
 
-async def test_websocket_idle_limit_closes_the_session(gateway, upstreams):
+async def test_websocket_idle_limit_closes_the_session(gateway, upstreams, caplog):
+    caplog.set_level(logging.INFO, logger="aistack")
     async with upstreams() as (tts, ollama):
         client = await gateway(tts.url, ws_heartbeat_s=0.2, ws_idle_timeout_s=0.8)
         slot = client.app[slot_key]
-        async with client.ws_connect("/v1/audio/speech/stream") as ws:  # answers pings, says nothing
+        # answers pings, says nothing
+        async with client.ws_connect("/v1/audio/speech/stream?access_token=upstream-sekrit&lang=en") as ws:
             opened = time.monotonic()
             message = await ws.receive(timeout=5)
             idle_for = time.monotonic() - opened
@@ -614,6 +617,9 @@ async def test_websocket_idle_limit_closes_the_session(gateway, upstreams):
             assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
             assert 0.7 <= idle_for < 2.5, idle_for
         assert await wait_until(lambda: slot.is_free, 1.0) is not None
+        idle_lines = [r.getMessage() for r in caplog.records if "idle for" in r.getMessage()]
+        assert idle_lines and "lang=en" in idle_lines[0]
+        assert "upstream-sekrit" not in caplog.text, "a credential in the query reached the server log"
         # A session that talks is not idle: messages keep it open past the limit.
         async with client.ws_connect("/v1/audio/speech/stream") as ws:
             reader = asyncio.create_task(ws.receive())  # reading is what answers the pings
