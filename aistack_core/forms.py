@@ -35,6 +35,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import RequestPayloadError
 
+from .context import config_key
 from .errors import Malformed, Network, Overflow
 from .observe.capture import tee_request_body
 from .observe.record import request_info
@@ -49,6 +50,12 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_DECOMPRESSION_RATIO = 20
 # A compressed body of unknown length may inflate to at most this much.
 MAX_INFLATED_UNKNOWN_LENGTH = 64 * 1024 * 1024
+# A body that stops arriving for this long ends the request with a 408
+# (AISTACK_BODY_IDLE_TIMEOUT_S): a stalled upload must not hold a connection,
+# or, on the proxy path, the GPU slot, until the client's TCP gives up.  It
+# also ends a chunked body whose framing broke mid-way, which aiohttp's
+# parser reports to nobody.
+BODY_IDLE_TIMEOUT_S = 30.0
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 _SAFE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}$")
@@ -179,6 +186,36 @@ async def send_continue(request: web.Request) -> None:
 # --- reading --------------------------------------------------------------------
 
 
+def body_idle_timeout(request: web.BaseRequest) -> float:
+    config = request.app.get(config_key) if isinstance(request, web.Request) else None
+    return config.env_float("AISTACK_BODY_IDLE_TIMEOUT_S", BODY_IDLE_TIMEOUT_S) if config else BODY_IDLE_TIMEOUT_S
+
+
+async def arriving(request: web.BaseRequest, step: Any) -> Any:
+    """Await one read of the body (``step``), at most the body idle timeout."""
+    timeout_s = body_idle_timeout(request)
+    try:
+        return await asyncio.wait_for(step, timeout_s)
+    except asyncio.TimeoutError:
+        raise broken_body(request, Malformed(
+            f"The request body stopped arriving: nothing came for {timeout_s:g} s "
+            "(or its chunked framing broke). Send the whole body promptly.",
+            status=408, code="body_timeout",
+        )) from None
+
+
+async def bounded_stream(request: web.BaseRequest, chunks: Any):
+    """``chunks`` (a StreamReader or an async iterator of bytes) with the idle timeout on each read."""
+    iterator = chunks.iter_any().__aiter__() if hasattr(chunks, "iter_any") else chunks.__aiter__()
+    while True:
+        try:
+            chunk = await arriving(request, iterator.__anext__())
+        except StopAsyncIteration:
+            return
+        yield chunk
+
+
+
 def _too_large(what: str, limit: int, setting: str | None) -> Overflow:
     hint = f" ({setting})" if setting else ""
     return Overflow(f"{what} is larger than the {_size(limit)} limit{hint}.", code="upload_too_large")
@@ -244,7 +281,7 @@ async def read_body(request: web.Request, max_bytes: int = DEFAULT_MAX_BODY_BYTE
     chunks: list[bytes] = []
     size = 0
     try:
-        while chunk := await request.content.read(READ_CHUNK):
+        while chunk := await arriving(request, request.content.read(READ_CHUNK)):
             size += len(chunk)
             if size > limit:
                 raise _too_large("The request body" + (" as decompressed" if _is_compressed(request) else ""),
@@ -389,7 +426,7 @@ async def _read_streamed_multipart(
     try:
         reader = await request.multipart()
         while True:
-            part = await reader.next()
+            part = await arriving(request, reader.next())
             if part is None:
                 break
             if isinstance(part, aiohttp.MultipartReader):
@@ -406,7 +443,7 @@ async def _read_streamed_multipart(
                 received += upload.size
                 continue
             field_limit = long_text_fields.get(name.removesuffix("[]"), MAX_FIELD_BYTES)
-            raw = await part.read(decode=True)
+            raw = await arriving(request, part.read(decode=True))
             received += len(raw)
             if len(raw) > field_limit:
                 raise Malformed(f"Field {name!r} is too long (at most {field_limit} bytes).", param=name or None)
@@ -449,7 +486,7 @@ async def _spool(request: web.Request, part: Any, policy: UploadPolicy, limit: i
     size = 0
     out = os.fdopen(handle, "wb")
     try:
-        while chunk := await part.read_chunk(READ_CHUNK):
+        while chunk := await arriving(request, part.read_chunk(READ_CHUNK)):
             size += len(chunk)
             if size > limit:
                 what = "The uploaded file as decompressed" if _is_compressed(request) else "The uploaded file"

@@ -42,7 +42,7 @@ from yarl import URL
 from .backends import Upstream
 from .context import config_key, upstream_sessions_key
 from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
-from .forms import broken_body, send_continue
+from .forms import bounded_stream, broken_body, send_continue
 from .inference import client_gone, inference
 from .observe.capture import redact_query, upstream_body
 from .observe.record import RequestInfo, request_info
@@ -314,7 +314,8 @@ async def forward(
         data: object = body
     elif request.body_exists:
         await send_continue(request)  # the checks passed: now the client may send the body
-        data = upstream_body(request)  # the client's stream, teed into a capture when on
+        # The client's stream (teed into a capture when on); a stall ends it (408).
+        data = bounded_stream(request, upstream_body(request))
     else:
         data = None
 
@@ -339,6 +340,9 @@ async def forward(
             exc = failed.cause
             if client_gone(request):
                 raise _note_client_left(info, "while sending the request upstream") from None
+            own = _raised_by_our_body(exc)
+            if own is not None:  # the client's body stalled while we streamed it
+                raise own from None
             if request.content.exception() is not None:  # the client's body broke, not the upstream
                 raise broken_body(request, Malformed(
                     f"The request body could not be read to forward it ({_body_failure(request)}).",
@@ -383,6 +387,17 @@ async def forward(
                 upstream_response.release()  # body fully read: the connection may be reused
             else:
                 upstream_response.close()  # the upstream sees the disconnect now
+
+
+def _raised_by_our_body(exc: BaseException) -> AistackError | None:
+    """The gateway's own error (a stalled client body), if aiohttp's client wrapped one."""
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 8:
+        if isinstance(cause, AistackError):
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
 
 
 def _body_failure(request: web.Request) -> str:

@@ -793,3 +793,44 @@ def test_full_upload_dir_is_a_503_naming_the_setting(served):
     assert status_of(answer) == 503, answer[:400]
     error = envelope_of(answer)["error"]
     assert error["code"] == "upload_dir_unwritable" and "AISTACK_UPLOAD_DIR" in error["message"]
+
+
+def two_phase_exchange(port: int, head: bytes, tail: bytes, pause_s: float = 0.4) -> bytes:
+    """Headers and the start of the body, a pause (the handler is reading now), then the rest."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        time.sleep(pause_s)
+        with contextlib.suppress(OSError):
+            sock.sendall(tail)
+        chunks = []
+        with contextlib.suppress(socket.timeout, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if _complete(b"".join(chunks)):
+                    break
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("how", ["stalled", "broken chunk"])
+async def test_a_body_that_stops_arriving_ends_the_request(gateway, upstreams, base_config, caplog, how):
+    """A body that stalls (or whose chunked framing breaks mid-way: aiohttp's parser then tells
+    no one) ends with a 408 after the body idle timeout; the slot and the upload are freed."""
+    async with upstreams() as (tts, ollama):
+        client = await gateway(tts.url, ollama.url, plugins={"asr": BackendPlugin(SlowAsr(steps=1, step_s=0.01))},
+                               env={"AISTACK_BODY_IDLE_TIMEOUT_S": "1"})
+        body, content_type = multipart([file_part(wav_bytes()), text_part("model", "slow-asr")])
+        for path, ctype in ((ASR_URL, content_type), ("/v1/chat/completions", "application/json"),
+                            ("/v1/audio/voices", content_type)):
+            head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                    "Transfer-Encoding: chunked\r\n\r\n").encode() + b"10\r\n" + body[:16] + b"\r\n"
+            tail = b"zz-not-hex\r\n" if how == "broken chunk" else b""
+            started = time.monotonic()
+            answer = await asyncio.to_thread(two_phase_exchange, client.port, head, tail)
+            assert re.match(rb"HTTP/1\.[01] 408 ", answer), (path, answer[:300])
+            assert_envelope(envelope_of(answer), "malformed")
+            assert time.monotonic() - started < 4
+            assert client.app[slot_key].is_free
+        assert (await client.get("/health")).status == 200
+        assert leftovers(base_config.upload_dir) == []
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("aistack")], \
+            caplog.text
