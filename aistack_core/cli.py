@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -91,7 +92,13 @@ def _serve(args: argparse.Namespace) -> int:
     except CannotListen as exc:
         print(f"aistack: {exc}", file=sys.stderr)
         return 1
-    return 0
+    # Everything we own is closed by now.  What is left is the interpreter's
+    # teardown, where the backend libraries' atexit hooks and threads (torch,
+    # NeMo) take seconds; a service manager waiting on SIGTERM should not.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class CannotListen(Exception):

@@ -64,6 +64,8 @@ class Config:
     preload: tuple[str, ...] = ()  # model ids loaded at start-up (AISTACK_PRELOAD)
     # Speech-to-text
     max_upload_mb: int = 1024
+    # Longer uploads are refused (413) from the container's length before any decoding.
+    max_audio_min: float = 240.0
     upload_dir: Path = attrs.field(factory=lambda: Path(tempfile.gettempdir()), converter=Path)
     whisper_default: str | None = None
     whisper_dir: Path | None = None
@@ -149,6 +151,7 @@ class Config:
             "MODEL_KEEP_ALIVE_SEC": ("model_keep_alive_s", float),
             "MIN_FREE_RAM_MB": ("min_free_ram_mb", int),
             "MAX_UPLOAD_MB": ("max_upload_mb", int),
+            "MAX_AUDIO_MIN": ("max_audio_min", float),
             "UPLOAD_DIR": ("upload_dir", Path),
             "WHISPER_DEFAULT": ("whisper_default", str),
             "WHISPER_BATCHED_ABOVE_S": ("whisper_batched_above_s", float),
