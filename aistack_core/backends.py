@@ -137,13 +137,34 @@ class Transcription:
 
 
 class AudioInput(Protocol):
-    """The uploaded audio, already validated as decodable by the core."""
+    """The uploaded audio, already validated as decodable by the core.
+
+    Its sample rate and channel count are plausible for speech and it is no
+    longer than ``AISTACK_MAX_AUDIO_MIN``; decoding it again stops with
+    ``Overflow`` should the file turn out longer than its header said.
+    """
 
     path: Path
     duration: float
 
-    def samples(self, sample_rate: int = 16000) -> "numpy.ndarray":
-        """Mono float32 samples in [-1, 1] at ``sample_rate`` (decoded on call)."""
+    def samples(self, sample_rate: int = 16000, cancel: CancelToken | None = None) -> "numpy.ndarray":
+        """Mono float32 samples in [-1, 1] at ``sample_rate`` (decoded on call).
+
+        This holds the whole file in memory (about 230 MB per hour at
+        16 kHz); backends that can work piecewise should read ``windows``.
+        """
+
+    def windows(
+        self, sample_rate: int = 16000, seconds: float = 600.0, cancel: CancelToken | None = None
+    ) -> Iterator[tuple[float, "numpy.ndarray"]]:
+        """``(offset_s, samples)`` for consecutive windows of ``seconds``, decoded as they are pulled.
+
+        Memory stays at one window whatever the length.  Cut points fall
+        wherever the clock says, possibly mid-word: a backend that needs
+        clean cuts keeps the tail of one window and prepends it to the next.
+        Offsets are the window's start in the file, to add to its timestamps.
+        ``cancel`` is checked while decoding (raises ``Cancelled``).
+        """
 
 
 @runtime_checkable

@@ -69,7 +69,7 @@ class Config:
     upload_dir: Path = attrs.field(factory=lambda: Path(tempfile.gettempdir()), converter=Path)
     whisper_default: str | None = None
     whisper_dir: Path | None = None
-    whisper_batched_above_s: float = 120.0
+    whisper_batched_above_s: float = 15.0
     allow_downloads: bool = False
     parakeet_model: str | None = None
     parakeet_local_attention_above_s: float = 300.0

@@ -19,6 +19,7 @@ for the ``auto`` alias.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import threading
 from pathlib import Path
@@ -26,11 +27,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import attrs
 import ctranslate2
+import numpy as np
 import huggingface_hub
 import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.tokenizer import _LANGUAGE_CODES
+from faster_whisper.transcribe import restore_speech_timestamps
 from faster_whisper.utils import _MODELS, download_model
+from faster_whisper.vad import VadOptions, get_speech_timestamps
 from huggingface_hub import constants as hf_constants
 
 from aistack_core import (
@@ -335,6 +339,21 @@ class LoadedWhisper:
             return self._batched
 
 
+# Voice-activity settings, the batched pipeline's own: chunks of at most one
+# Whisper window, cut at pauses of 160 ms or more.
+VAD_OPTIONS = VadOptions(max_speech_duration_s=30, min_silence_duration_ms=160)
+CHUNK_S = 30.0
+# The file is read and voice-detected in pieces of this length, so memory
+# holds one piece, the speech not yet decoded (at most one batch of chunks)
+# and nothing more, however long the recording.
+PIECE_S = 60.0
+# Speech that reaches the end of a piece may go on in the next one: it is
+# carried over rather than cut mid-word (VAD splits speech at 30 s anyway).
+CARRY_MARGIN_S = 0.5
+# Below this peak a piece is digital silence: no VAD, no decoding.
+SILENCE_PEAK = 1e-4
+
+
 def transcribe_settings(
     options: TranscriptionOptions, language: str | None, task: str, batched: bool
 ) -> dict[str, Any]:
@@ -348,23 +367,86 @@ def transcribe_settings(
         "task": task,
         "word_timestamps": options.word_timestamps,
         "initial_prompt": options.prompt or None,
+        # One temperature, no fallback ladder: faster-whisper's default
+        # re-decodes every window whose text compresses "too well" at rising
+        # temperatures, and repetitive speech, music or noise trip that on
+        # most windows — several times slower, and sampled, so the text
+        # changes from run to run.  Greedy/beam search at 0 is deterministic;
+        # a temperature the client sends is used exactly as sent.
+        "temperature": 0.0 if options.temperature is None else float(options.temperature),
+        "condition_on_previous_text": False,
     }
     if batched:
-        # Batching decodes independent chunks side by side, so it needs cut
-        # points between utterances: Silero VAD finds them, and faster-whisper
-        # maps the timestamps back onto the original audio.  Timestamp tokens
-        # stay off because the batched decoder drops a chunk's last sentence
-        # when it has no closing timestamp (the sequential decoder re-reads
-        # it from the next window; a batch cannot), so chunk-long segments
-        # are split into sentences from the word timings instead.
-        settings.update(vad_filter=True, without_timestamps=True)
+        # Timestamp tokens stay off: the batched decoder drops a chunk's last
+        # sentence when it has no closing timestamp (a batch cannot re-read
+        # it from the next window), so chunk-long segments are split into
+        # sentences from the word timings when there are any.
+        settings.update(without_timestamps=True)
     else:
-        # No VAD on the plain path: every second of the input is decoded, so
-        # timestamps are exactly those of the file.
-        settings.update(vad_filter=False, without_timestamps=False)
-    if options.temperature is not None:
-        settings["temperature"] = options.temperature
+        # A clip of one window: VAD drops its silences (faster-whisper maps
+        # timestamps back onto the file), timestamp tokens cut sentences.
+        settings.update(vad_filter=True, vad_parameters=VAD_OPTIONS, without_timestamps=False)
     return settings
+
+
+@attrs.define
+class SpeechChunk:
+    """Up to 30 s of speech, glued from VAD segments; ``spans`` are the segments in file samples."""
+
+    spans: list[dict[str, int]] = attrs.field(factory=list)
+    pieces: list[np.ndarray] = attrs.field(factory=list)
+    length: int = 0
+
+    def add(self, start: int, audio: np.ndarray) -> None:
+        self.spans.append({"start": start, "end": start + audio.size})
+        self.pieces.append(audio)
+        self.length += audio.size
+
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.pieces) if self.pieces else np.zeros(0, dtype=np.float32)
+
+
+def speech_chunks(
+    windows: Iterable[tuple[float, np.ndarray]], cancel: CancelToken, sample_rate: int = SAMPLE_RATE
+) -> Iterator[SpeechChunk]:
+    """Voice-detect the file piece by piece and pack its speech into chunks of at most 30 s.
+
+    The packing is that of faster-whisper's ``collect_chunks`` over the whole
+    file, so the chunks (and so the text) do not depend on where the pieces
+    were cut.
+    """
+    limit = int(CHUNK_S * sample_rate)
+    margin = int(CARRY_MARGIN_S * sample_rate)
+    chunk = SpeechChunk()
+    carry = np.zeros(0, dtype=np.float32)
+    carry_start = 0  # file sample where ``carry`` begins
+    iterator = iter(windows)
+    upcoming = next(iterator, None)
+    while upcoming is not None:
+        cancel.raise_if_cancelled()
+        offset_s, samples = upcoming
+        upcoming = next(iterator, None)
+        last = upcoming is None
+        if carry.size:
+            buffer, buffer_start = np.concatenate([carry, samples]), carry_start
+        else:
+            buffer, buffer_start = samples, int(round(offset_s * sample_rate))
+        carry = np.zeros(0, dtype=np.float32)
+        if buffer.size == 0 or float(np.max(np.abs(buffer))) < SILENCE_PEAK:
+            continue
+        spans = get_speech_timestamps(buffer, VAD_OPTIONS, sampling_rate=sample_rate)
+        if not last and spans and spans[-1]["end"] >= buffer.size - margin:
+            # The last utterance runs into the next piece: decide it there.
+            tail = spans.pop()
+            carry, carry_start = buffer[tail["start"]:], buffer_start + tail["start"]
+        for span in spans:
+            audio = buffer[span["start"]:span["end"]]
+            if chunk.length and chunk.length + audio.size > limit:
+                yield chunk
+                chunk = SpeechChunk()
+            chunk.add(buffer_start + span["start"], audio)
+    if chunk.length:
+        yield chunk
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -455,6 +537,7 @@ def aistack_segments(
                 pieces = [_segment(index, segment)]
             for piece in pieces:
                 yield piece
+                cancel.raise_if_cancelled()  # a chunk holds many sentences; stop between them too
             index += len(pieces)
     finally:
         close = getattr(iterator, "close", None)
@@ -565,15 +648,16 @@ class FasterWhisperBackend:
             )
         return "translate"
 
-    def decodes_batched(self, duration: float, stream: bool = False, on_gpu: bool = False) -> bool:
-        """Long files go through the batched pipeline: several 30 s windows per model call.
+    def decodes_batched(self, duration: float) -> bool:
+        """Audio longer than one Whisper window goes through VAD chunks and the batched pipeline.
 
-        Not for a streamed request on the CPU: there a batch of windows takes
-        seconds, which delays the first event and makes a cancel wait for
-        the whole batch; one window at a time answers sooner.
+        Up to ``batched_above_s`` the plain decoder is as fast (one window
+        either way) and cuts sentences with its timestamp tokens; above it,
+        decoding several chunks per model call wins, on the CPU and more so
+        on a GPU (bench/bench_asr_speed.py).  Streamed requests batch too:
+        their first batch is a single chunk, so the first event comes after
+        30 s of speech is decoded, not after a full batch.
         """
-        if stream and not on_gpu:
-            return False
         return duration > self.batched_above_s
 
     def transcribe(
@@ -582,28 +666,84 @@ class FasterWhisperBackend:
         language = self._language(options)
         task = self._task(options)
         cancel.raise_if_cancelled()
-        # The core's decoder produced these samples; passing them (not the path)
-        # keeps one decoding path for every backend.
-        samples = audio.samples(SAMPLE_RATE)
+        if not self.decodes_batched(audio.duration):
+            return self._transcribe_plain(model, audio, options, cancel, language, task)
+        chunks = speech_chunks(audio.windows(SAMPLE_RATE, PIECE_S, cancel), cancel)
+        if language is None and model.model.model.is_multilingual:
+            # The answer names its language before any segment is pulled, so
+            # find the first chunk of speech now and let Whisper say.
+            first = next(chunks, None)
+            if first is None:
+                return Transcription(language="en", duration=audio.duration, segments=())
+            cancel.raise_if_cancelled()
+            language = model.model.detect_language(audio=first.audio())[0]
+            chunks = itertools.chain([first], chunks)
+        settings = transcribe_settings(options, language or "en", task, batched=True)
+        raw = batched_segments(model, chunks, settings, cancel, first_batch=1 if options.stream else None)
+        return Transcription(
+            language=language or "en",
+            duration=float(audio.duration),
+            segments=aistack_segments(raw, cancel, split_sentences=True),
+        )
+
+    def _transcribe_plain(
+        self, model: LoadedWhisper, audio: AudioInput, options: TranscriptionOptions, cancel: CancelToken,
+        language: str | None, task: str,
+    ) -> Transcription:
+        # Short by construction (at most batched_above_s), so held whole.
+        samples = audio.samples(SAMPLE_RATE, cancel)
         if samples.size == 0:
             return Transcription(language=language or "en", duration=0.0, segments=())
-        cancel.raise_if_cancelled()  # decoding an hour of audio takes a while
-        batched = self.decodes_batched(audio.duration, options.stream, model.device.device == "cuda")
-        settings = transcribe_settings(options, language, task, batched)
-        if batched:
-            pipeline = model.batched()
-            # The pipeline carries the last word's end time from one batch to
-            # the next and only resets it when a file is read to the end; a
-            # cancelled file would otherwise skew the next file's word timings.
-            pipeline.last_speech_timestamp = 0.0
-            raw, info = pipeline.transcribe(samples, batch_size=model.device.batch_size, **settings)
-        else:
-            raw, info = model.model.transcribe(samples, **settings)
+        cancel.raise_if_cancelled()
+        raw, info = model.model.transcribe(samples, **transcribe_settings(options, language, task, batched=False))
         return Transcription(
             language=info.language or language or "en",
             duration=float(info.duration),
-            segments=aistack_segments(raw, cancel, split_sentences=batched),
+            segments=aistack_segments(raw, cancel),
         )
+
+
+def batched_segments(
+    model: LoadedWhisper,
+    chunks: Iterable[SpeechChunk],
+    settings: dict[str, Any],
+    cancel: CancelToken,
+    first_batch: int | None = None,
+) -> Iterator[Any]:
+    """Decode speech chunks a batch at a time; faster-whisper segments in file time.
+
+    Each batch is one call of the batched pipeline on the batch's speech
+    glued together, with the chunk borders as clip timestamps; the glued
+    times are mapped back onto the file with faster-whisper's own
+    ``restore_speech_timestamps``.  Only the chunks of one batch are held.
+    ``first_batch`` shrinks the first call so a stream starts sooner.
+    """
+    pipeline = model.batched()
+    batch_size = model.device.batch_size
+    batch: list[SpeechChunk] = []
+    wanted = first_batch or batch_size
+
+    def decode(batch: list[SpeechChunk]) -> Iterator[Any]:
+        cancel.raise_if_cancelled()
+        glued = np.concatenate([chunk.audio() for chunk in batch])
+        clips, position = [], 0
+        for chunk in batch:
+            clips.append({"start": position / SAMPLE_RATE, "end": (position + chunk.length) / SAMPLE_RATE})
+            position += chunk.length
+        # The pipeline carries the last word's end time between batches and
+        # resets it only at a file's end; a cancelled file would skew the next.
+        pipeline.last_speech_timestamp = 0.0
+        raw, _ = pipeline.transcribe(glued, clip_timestamps=clips, batch_size=len(batch), **settings)
+        spans = [span for chunk in batch for span in chunk.spans]
+        yield from restore_speech_timestamps(raw, spans, SAMPLE_RATE)
+
+    for chunk in chunks:
+        batch.append(chunk)
+        if len(batch) >= wanted:
+            yield from decode(batch)
+            batch, wanted = [], batch_size
+    if batch:
+        yield from decode(batch)
 
 
 def build_backends(

@@ -8,6 +8,7 @@ Hugging Face cache layout on disk from the same bundled files.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -267,21 +268,21 @@ def test_batched_path_matches_plain_decoding(tiny_en, long_clip, sentences_wav):
     backend, model = tiny_en
     reference, audio = long_clip
     assert audio.duration > 35
-    batched_backend = fw.FasterWhisperBackend(backend.card, backend.source, batched_above_s=30.0)
+    plain_backend = fw.FasterWhisperBackend(backend.card, backend.source, batched_above_s=math.inf)
 
-    assert batched_backend.decodes_batched(audio.duration) and not backend.decodes_batched(audio.duration)
+    assert backend.decodes_batched(audio.duration) and not plain_backend.decodes_batched(audio.duration)
     fresh = fw.LoadedWhisper(model.model, model.device)  # same weights, no pipeline built yet
 
-    plain = backend.transcribe(fresh, audio, TranscriptionOptions(), CancelToken())
+    plain = plain_backend.transcribe(fresh, audio, TranscriptionOptions(), CancelToken())
     plain_segments = list(plain.segments)
     assert fresh.batched_pipeline is None
-    batched = batched_backend.transcribe(fresh, audio, TranscriptionOptions(), CancelToken())
+    batched = backend.transcribe(fresh, audio, TranscriptionOptions(), CancelToken())
     batched_segments = list(batched.segments)
     assert fresh.batched_pipeline is not None
 
     assert helpers.word_error_rate(reference, transcript(plain_segments)) <= 0.2
     assert helpers.word_error_rate(reference, transcript(batched_segments)) <= 0.2
-    # Same words; at most a stray word differs where a window boundary falls.
+    # Same words; at most a stray word differs where a chunk boundary falls.
     assert helpers.word_error_rate(transcript(plain_segments), transcript(batched_segments)) <= 0.05
     check_timeline(batched_segments, batched.duration)
     # The batched decoder answers per 30 s chunk; the plugin hands on sentences.
@@ -291,6 +292,96 @@ def test_batched_path_matches_plain_decoding(tiny_en, long_clip, sentences_wav):
     assert fresh.batched() is fresh.batched_pipeline  # built once, then reused
 
 
+def test_default_settings_are_deterministic_and_skip_word_alignment(tiny_en, long_clip):
+    backend, model = tiny_en
+    _, audio = long_clip
+    options = TranscriptionOptions(word_timestamps=False)
+    first = list(backend.transcribe(model, audio, options, CancelToken()).segments)
+    second = list(backend.transcribe(model, audio, options, CancelToken()).segments)
+    assert transcript(first) == transcript(second) and transcript(first)
+    assert [(s.start, s.end) for s in first] == [(s.start, s.end) for s in second]
+    assert all(segment.words == () for segment in first)
+    assert all(segment.temperature == 0.0 for segment in first)  # no fallback ladder
+
+
+def test_temperature_is_used_exactly_as_sent():
+    plain = fw.transcribe_settings(TranscriptionOptions(temperature=0.4), "en", "transcribe", batched=False)
+    batched = fw.transcribe_settings(TranscriptionOptions(), "en", "transcribe", batched=True)
+    assert plain["temperature"] == 0.4 and batched["temperature"] == 0.0
+    assert plain["vad_filter"] is True  # silence is cut on the plain path too
+
+
+def test_explicit_temperature_reaches_the_decoder(tiny_en, short_clip):
+    backend, model = tiny_en
+    _, audio = short_clip
+    segments = list(backend.transcribe(model, audio, TranscriptionOptions(temperature=0.3), CancelToken()).segments)
+    assert segments and all(segment.temperature == pytest.approx(0.3) for segment in segments)
+
+
+def quiet_wav(path: Path, seconds: float, speech: list[tuple[float, np.ndarray]], rate: int) -> Path:
+    """``seconds`` of digital silence with each (start_s, pcm) written in at its place."""
+    pcm = np.zeros(int(seconds * rate), dtype=np.int16)
+    for start, piece in speech:
+        at = int(start * rate)
+        pcm[at:at + piece.size] = piece[: pcm.size - at]
+    return helpers.write_wav(path, pcm, rate)
+
+
+def test_long_silence_is_never_decoded_and_windows_keep_file_time(tiny_en, sentences_wav, tmp_path):
+    backend, model = tiny_en
+    (text_a, wav_a), (text_b, wav_b) = sentences_wav[1], sentences_wav[2]
+    pcm_a, rate = read_wav(wav_a)
+    pcm_b, _ = read_wav(wav_b)
+    # One sentence straddles the first 60 s piece border; the other sits in a later piece.
+    starts = (fw.PIECE_S - 1.0, 150.0)
+    path = quiet_wav(tmp_path / "sparse.wav", 200.0, [(starts[0], pcm_a), (starts[1], pcm_b)], rate)
+    audio = DecodedAudio.open(path)
+    segments = list(backend.transcribe(model, audio, TranscriptionOptions(), CancelToken()).segments)
+    assert helpers.word_error_rate(f"{text_a} {text_b}", transcript(segments)) <= 0.1, transcript(segments)
+    first_b = next(s for s in segments if s.start > 100)
+    assert abs(segments[0].start - starts[0]) < 0.6 and abs(first_b.start - starts[1]) < 0.6
+    assert segments[0].end < starts[0] + pcm_a.size / rate + 0.6
+    check_timeline(segments, audio.duration)
+
+
+def test_all_silence_gives_no_segments(tiny_en, tmp_path):
+    backend, model = tiny_en
+    audio = DecodedAudio.open(quiet_wav(tmp_path / "quiet.wav", 300.0, [], 16000))
+    assert list(backend.transcribe(model, audio, TranscriptionOptions(), CancelToken()).segments) == []
+
+
+def test_a_stream_decodes_its_first_chunk_alone(tiny_en, long_clip):
+    backend, model = tiny_en
+    _, audio = long_clip
+    pulled = []
+
+    def counted(chunks):
+        for chunk in chunks:
+            pulled.append(chunk)
+            yield chunk
+
+    cancel = CancelToken()
+    chunks = counted(fw.speech_chunks(audio.windows(fw.SAMPLE_RATE, fw.PIECE_S, cancel), cancel))
+    settings = fw.transcribe_settings(TranscriptionOptions(stream=True), "en", "transcribe", batched=True)
+    raw = fw.batched_segments(model, chunks, settings, cancel, first_batch=1)
+    first = next(raw)
+    assert first.text and len(pulled) == 1  # the second chunk is not even read yet
+    rest = list(raw)
+    assert rest and len(pulled) >= 2 and rest[0].start >= first.start
+
+
+def test_cancel_stops_between_pieces_and_batches(tiny_en, tmp_path, sentences_wav):
+    backend, model = tiny_en
+    pcm, rate = read_wav(sentences_wav[0][1])
+    audio = DecodedAudio.open(quiet_wav(tmp_path / "sparse.wav", 400.0, [(t, pcm) for t in (5.0, 200.0, 390.0)], rate))
+    cancel = CancelToken()
+    segments = iter(backend.transcribe(model, audio, TranscriptionOptions(), cancel).segments)
+    next(segments)
+    cancel.cancel("client disconnected")
+    with pytest.raises(Cancelled):
+        next(segments)
+
+
 def test_downloads_need_both_the_setting_and_a_reachable_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(fw.hf_constants, "HF_HUB_OFFLINE", True)
     assert not fw.downloads_possible(config(tmp_path, allow_downloads=True))
@@ -298,12 +389,3 @@ def test_downloads_need_both_the_setting_and_a_reachable_hub(tmp_path, monkeypat
     monkeypatch.setattr(fw.hf_constants, "HF_HUB_OFFLINE", False)
     assert fw.downloads_possible(config(tmp_path, allow_downloads=True))
     assert not fw.downloads_possible(config(tmp_path, allow_downloads=False))
-
-
-def test_streamed_requests_on_cpu_skip_the_batched_pipeline():
-    from aistack_core.config import Config
-
-    backend = next(b for b in fw.build_backends(Config(whisper_batched_above_s=10)) if b.card.id == "whisper-tiny.en")
-    assert backend.decodes_batched(60.0)
-    assert not backend.decodes_batched(60.0, stream=True, on_gpu=False)
-    assert backend.decodes_batched(60.0, stream=True, on_gpu=True)

@@ -20,14 +20,17 @@ import os
 import struct
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import attrs
 import av
 import av.filter
 import numpy as np
 
-from ..errors import Malformed
+from ..errors import Malformed, Overflow
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..backends import CancelToken
 
 ACCEPTED_UPLOADS = "Send WAV, MP3, M4A, FLAC, OGG, WebM or MP4 audio."
 
@@ -51,6 +54,18 @@ _PACKETS_BEFORE_FIRST_FRAME = 500
 
 # How much audio probe() decodes even when the container states a duration.
 _SECONDS_DECODED_BY_PROBE = 0.5
+
+# What a recording of speech can plausibly be.  Outside these bounds a
+# header is either broken or built to make the resampler allocate without
+# end (a "1 Hz" WAV turns every byte into 16,000 output samples), so the
+# file is refused before a single frame is decoded.
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 384_000
+MAX_CHANNELS = 32
+
+# The decoder looks at the cancel token every this many frames (a few
+# milliseconds of work each), so a long decode stops well within a second.
+_FRAMES_BETWEEN_CANCEL_CHECKS = 64
 
 
 def _not_audio(detail: str) -> Malformed:
@@ -81,6 +96,29 @@ class AudioProbe:
     container: str
 
 
+def _check_shape(sample_rate: int, channels: int) -> None:
+    """Refuse sample rates and channel counts no speech recording has (a 400, not a resampler crash)."""
+    if sample_rate and not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise Malformed(
+            f"The uploaded audio claims a sample rate of {sample_rate} Hz; speech audio lies between "
+            f"{MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz. {ACCEPTED_UPLOADS}",
+            param="file", code="invalid_audio",
+        )
+    if channels > MAX_CHANNELS:
+        raise Malformed(
+            f"The uploaded audio has {channels} channels; at most {MAX_CHANNELS} are accepted. {ACCEPTED_UPLOADS}",
+            param="file", code="invalid_audio",
+        )
+
+
+def _too_long(seconds: float, max_seconds: float) -> Overflow:
+    return Overflow(
+        f"The audio lasts {seconds / 60:.1f} minutes or more; this server transcribes at most "
+        f"{max_seconds / 60:g} minutes per request (AISTACK_MAX_AUDIO_MIN). Split the recording.",
+        param="file", code="audio_too_long",
+    )
+
+
 def _open_input(path: Path) -> Any:
     try:
         return av.open(str(path), mode="r")
@@ -89,20 +127,34 @@ def _open_input(path: Path) -> Any:
 
 
 def _first_audio_stream(container: Any) -> Any:
+    """The first audio track, its header checked against the speech bounds."""
     if not container.streams.audio:
         raise _not_audio(f"the {container.format.name} container has no audio track")
-    return container.streams.audio[0]
+    stream = container.streams.audio[0]
+    context = stream.codec_context
+    _check_shape(context.sample_rate or 0, context.channels or 0)
+    return stream
 
 
-def _decoded_frames(container: Any, stream: Any) -> Iterator[Any]:
+def _decoded_frames(
+    container: Any, stream: Any, max_seconds: float | None = None, cancel: "CancelToken | None" = None
+) -> Iterator[Any]:
     """Frames of ``stream``; a demux or decode failure becomes ``Malformed``.
 
     One failure is forgiven: the last packet of a file that was cut short
     (an interrupted recording or upload) is usually a partial frame.  Like
     the ffmpeg command line, we drop it and keep the audio before it.
+
+    Every frame's rate and layout is checked (a stream may change them
+    midway), and the audio is counted as it comes: past ``max_seconds`` the
+    decode stops with ``Overflow``, whatever the header said.  ``cancel`` is
+    looked at every few frames.
     """
     packets_without_frame = 0
     seen_frame = False
+    frame_count = 0
+    samples_per_rate: dict[int, int] = {}
+    seconds_before = 0.0  # audio at rates no longer in use
     try:
         packets = container.demux(stream)
         packet = next(packets, None)
@@ -122,7 +174,20 @@ def _decoded_frames(container: Any, stream: Any) -> Iterator[Any]:
                 packets_without_frame += 1
                 if packets_without_frame > _PACKETS_BEFORE_FIRST_FRAME:
                     raise _not_audio("no decodable audio in the first packets")
-            yield from frames
+            for frame in frames:
+                _check_shape(frame.sample_rate, frame.layout.nb_channels)
+                frame_count += 1
+                if cancel is not None and frame_count % _FRAMES_BETWEEN_CANCEL_CHECKS == 0:
+                    cancel.raise_if_cancelled()
+                if max_seconds is not None:
+                    samples_per_rate[frame.sample_rate] = samples_per_rate.get(frame.sample_rate, 0) + frame.samples
+                    if len(samples_per_rate) > 1:  # fold rates no longer in use into seconds
+                        for rate in [r for r in samples_per_rate if r != frame.sample_rate]:
+                            seconds_before += samples_per_rate.pop(rate) / rate
+                    seconds = seconds_before + samples_per_rate[frame.sample_rate] / frame.sample_rate
+                    if seconds > max_seconds:
+                        raise _too_long(seconds, max_seconds)
+                yield frame
             packet = following
     except av.FFmpegError as exc:
         raise _not_audio(_ffmpeg_detail(exc)) from exc
@@ -175,7 +240,7 @@ def _counted_duration(frames: Iterable[Any]) -> float:
     return sum(count / rate for rate, count in samples_per_rate.items())
 
 
-def probe(path: str | os.PathLike[str]) -> AudioProbe:
+def probe(path: str | os.PathLike[str], max_seconds: float | None = None) -> AudioProbe:
     """Check that ``path`` is decodable audio and describe it.
 
     Decodes only the first half second when the container states a
@@ -183,7 +248,8 @@ def probe(path: str | os.PathLike[str]) -> AudioProbe:
     (counting samples) when it states none, as with a streamed FLAC or a
     browser's WebM recording, or when its figure is a guess (ADTS AAC).
     Raises ``Malformed`` for anything a client could fix by sending a
-    different file.
+    different file, and ``Overflow`` for audio longer than ``max_seconds``
+    (from the stated duration before decoding, else while counting).
     """
     path = Path(path)
     try:
@@ -192,17 +258,17 @@ def probe(path: str | os.PathLike[str]) -> AudioProbe:
         raise _not_audio(f"cannot read it: {exc.strerror}") from exc
     if size == 0:
         raise _not_audio("the file is empty")
-    with _open_input(path) as container, contextlib.closing(
-        _decoded_frames(container, _first_audio_stream(container))
-    ) as frames:
-        stream = container.streams.audio[0]
-        head = _decode_head(frames)
-        if not head:
-            raise _not_audio("the audio track holds no samples")
-        first = head[0]
-        duration = _metadata_duration(container, stream)
-        if duration is None:
-            duration = _counted_duration(itertools.chain(head, frames))
+    with _open_input(path) as container:
+        stream = _first_audio_stream(container)
+        stated = _metadata_duration(container, stream)
+        if stated is not None and max_seconds is not None and stated > max_seconds:
+            raise _too_long(stated, max_seconds)
+        with contextlib.closing(_decoded_frames(container, stream, max_seconds)) as frames:
+            head = _decode_head(frames)
+            if not head:
+                raise _not_audio("the audio track holds no samples")
+            first = head[0]
+            duration = stated if stated is not None else _counted_duration(itertools.chain(head, frames))
         if duration <= 0:
             raise _not_audio("the audio track holds no samples")
         return AudioProbe(
@@ -214,47 +280,103 @@ def probe(path: str | os.PathLike[str]) -> AudioProbe:
         )
 
 
+class _MonoResampler:
+    """Frames in, mono float32 arrays at one rate out.
+
+    Some streams change rate or layout midway (chained Ogg, HE-AAC
+    switching); a PyAV resampler is built for one input shape, so it is
+    drained and replaced when the shape changes.
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        self._rate = sample_rate
+        self._resampler: Any = None
+        self._shape: tuple | None = None
+
+    def feed(self, frame: Any) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if shape != self._shape:
+            out = self.drain()
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self._rate)
+            self._shape = shape
+        try:
+            out.extend(_plane(piece) for piece in self._resampler.resample(frame))
+        except (av.FFmpegError, ValueError) as exc:
+            # A layout FFmpeg cannot downmix (odd channel orders) is the file's fault.
+            raise _not_audio(f"cannot convert its {frame.layout.name} audio to mono: {_ffmpeg_detail(exc)}") from exc
+        return out
+
+    def drain(self) -> list[np.ndarray]:
+        if self._resampler is None:
+            return []
+        return [_plane(piece) for piece in self._resampler.resample(None)]
+
+
+def _clipped(chunks: list[np.ndarray]) -> np.ndarray:
+    if not chunks:
+        return np.zeros(0, dtype=np.float32)
+    # Resampling filters can overshoot full scale by a hair.
+    return np.clip(np.concatenate(chunks), -1.0, 1.0, dtype=np.float32)
+
+
 @attrs.frozen
 class DecodedAudio:
     """An upload that passed ``probe``; satisfies ``backends.AudioInput``.
 
-    Samples are decoded on each ``samples()`` call rather than kept, so a
-    backend that reads the file itself pays nothing for them.
+    Samples are decoded on each ``samples()`` or ``windows()`` call rather
+    than kept, so a backend that reads the file itself pays nothing for
+    them, and one that reads windows holds one window at a time.  Every
+    decode stops with ``Overflow`` past ``max_seconds``.
     """
 
     path: Path
     duration: float
     info: AudioProbe
+    max_seconds: float | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "DecodedAudio":
-        info = probe(path)
-        return cls(path=Path(path), duration=info.duration, info=info)
+    def open(cls, path: str | os.PathLike[str], max_seconds: float | None = None) -> "DecodedAudio":
+        info = probe(path, max_seconds)
+        return cls(path=Path(path), duration=info.duration, info=info, max_seconds=max_seconds)
 
-    def samples(self, sample_rate: int = 16000) -> np.ndarray:
-        """Mono float32 in [-1, 1] at ``sample_rate``, decoded frame by frame."""
-        chunks: list[np.ndarray] = []
+    def _mono(self, sample_rate: int, cancel: "CancelToken | None") -> Iterator[np.ndarray]:
         with _open_input(self.path) as container:
             stream = _first_audio_stream(container)
-            resampler = None
-            source_shape = None
-            for frame in _decoded_frames(container, stream):
-                shape = (frame.format.name, frame.layout.name, frame.sample_rate)
-                if shape != source_shape:
-                    # Some streams change rate or layout midway (chained
-                    # Ogg, HE-AAC switching); a resampler is built for one
-                    # input shape, so drain it and start another.
-                    if resampler is not None:
-                        chunks.extend(_plane(out) for out in resampler.resample(None))
-                    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-                    source_shape = shape
-                chunks.extend(_plane(out) for out in resampler.resample(frame))
-            if resampler is not None:
-                chunks.extend(_plane(out) for out in resampler.resample(None))
-        if not chunks:
-            return np.zeros(0, dtype=np.float32)
-        # Resampling filters can overshoot full scale by a hair.
-        return np.clip(np.concatenate(chunks), -1.0, 1.0, dtype=np.float32)
+            resampler = _MonoResampler(sample_rate)
+            with contextlib.closing(_decoded_frames(container, stream, self.max_seconds, cancel)) as frames:
+                for frame in frames:
+                    yield from resampler.feed(frame)
+            yield from resampler.drain()
+
+    def samples(self, sample_rate: int = 16000, cancel: "CancelToken | None" = None) -> np.ndarray:
+        """Mono float32 in [-1, 1] at ``sample_rate``, decoded frame by frame."""
+        return _clipped(list(self._mono(sample_rate, cancel)))
+
+    def windows(
+        self, sample_rate: int = 16000, seconds: float = 600.0, cancel: "CancelToken | None" = None
+    ) -> Iterator[tuple[float, np.ndarray]]:
+        """``(offset_s, samples)`` for consecutive windows of ``seconds`` (the last may be shorter).
+
+        Decoding runs only as far as the window being built, so memory
+        stays at one window however long the file is.
+        """
+        size = max(1, int(round(seconds * sample_rate)))
+        pending: list[np.ndarray] = []
+        pending_len = 0
+        emitted = 0
+        with contextlib.closing(self._mono(sample_rate, cancel)) as pieces:
+            for piece in pieces:
+                pending.append(piece)
+                pending_len += piece.size
+                while pending_len >= size:
+                    joined = np.concatenate(pending)
+                    window, rest = joined[:size], joined[size:]
+                    pending, pending_len = ([rest] if rest.size else []), rest.size
+                    yield emitted / sample_rate, _clipped([window])
+                    emitted += size
+        if pending_len:
+            yield emitted / sample_rate, _clipped(pending)
 
 
 def _plane(frame: Any) -> np.ndarray:

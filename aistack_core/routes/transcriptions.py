@@ -377,7 +377,7 @@ async def _serve(request: web.Request, translate_route: bool) -> web.StreamRespo
                 provider=card.provider, param="model", code="translation_not_supported",
             )
         speakers = await _diarization_plan(request, form)
-        audio = await asyncio.to_thread(DecodedAudio.open, upload.path)
+        audio = await asyncio.to_thread(DecodedAudio.open, upload.path, config.max_audio_min * 60)
         info.audio_sec = round(audio.duration, 3)
         async with inference(request, "asr", entry) as run:
             run.audio_seconds = audio.duration
