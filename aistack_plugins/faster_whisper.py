@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -74,9 +75,15 @@ SIZE_RANKS: dict[str, int] = {
 }
 # faster-whisper's short names for two of the sizes above.
 SIZE_SYNONYMS = {"large": "large-v3", "turbo": "large-v3-turbo"}
-# Batch size for the batched pipeline; see bench/bench_whisper_batched.py.
-BATCH_SIZE_CPU = 8
+# Chunks per batched-pipeline call.  A batch is also the unit of
+# cancellation and of streaming (the model call cannot be interrupted), so
+# it is kept as small as speed allows.  On a GPU, 16 chunks of 30 s take
+# well under a second.  On a CPU, CTranslate2 already spreads one chunk over
+# every core: on 2 cores batches of 1, 2 and 4 took the same total time
+# (bench/bench_asr_speed.py) while the longest wait between segments grew
+# with the batch, so a CPU batches one chunk per 4 cores, at most 8.
 BATCH_SIZE_CUDA = 16
+BATCH_SIZE_CPU = max(1, min(8, len(os.sched_getaffinity(0)) // 4))
 
 
 def is_english_only(size: str) -> bool:
