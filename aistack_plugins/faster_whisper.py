@@ -18,6 +18,7 @@ for the ``auto`` alias.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import logging
@@ -353,7 +354,7 @@ CHUNK_S = 30.0
 # The file is read and voice-detected in pieces of this length, so memory
 # holds one piece, the speech not yet decoded (at most one batch of chunks)
 # and nothing more, however long the recording.
-PIECE_S = 60.0
+PIECE_S = 30.0
 # Speech that reaches the end of a piece may go on in the next one: it is
 # carried over rather than cut mid-word (VAD splits speech at 30 s anyway).
 CARRY_MARGIN_S = 0.5
@@ -422,12 +423,20 @@ def speech_chunks(
     file, so the chunks (and so the text) do not depend on where the pieces
     were cut.
     """
+    iterator = iter(windows)
+    # Closing this generator (a cancel, a hang-up) closes the decoder's file at once.
+    with contextlib.closing(iterator) if hasattr(iterator, "close") else contextlib.nullcontext():
+        yield from _pack_speech(iterator, cancel, sample_rate)
+
+
+def _pack_speech(
+    iterator: Iterator[tuple[float, np.ndarray]], cancel: CancelToken, sample_rate: int
+) -> Iterator[SpeechChunk]:
     limit = int(CHUNK_S * sample_rate)
     margin = int(CARRY_MARGIN_S * sample_rate)
     chunk = SpeechChunk()
     carry = np.zeros(0, dtype=np.float32)
     carry_start = 0  # file sample where ``carry`` begins
-    iterator = iter(windows)
     upcoming = next(iterator, None)
     while upcoming is not None:
         cancel.raise_if_cancelled()
@@ -744,13 +753,14 @@ def batched_segments(
         spans = [span for chunk in batch for span in chunk.spans]
         yield from restore_speech_timestamps(raw, spans, SAMPLE_RATE)
 
-    for chunk in chunks:
-        batch.append(chunk)
-        if len(batch) >= wanted:
+    with contextlib.closing(chunks) if hasattr(chunks, "close") else contextlib.nullcontext():
+        for chunk in chunks:
+            batch.append(chunk)
+            if len(batch) >= wanted:
+                yield from decode(batch)
+                batch, wanted = [], batch_size
+        if batch:
             yield from decode(batch)
-            batch, wanted = [], batch_size
-    if batch:
-        yield from decode(batch)
 
 
 def build_backends(

@@ -311,7 +311,7 @@ class ParakeetBackend:
             )
         language = self._language(options)
         cancel.raise_if_cancelled()
-        samples = np.ascontiguousarray(audio.samples(SAMPLE_RATE), dtype=np.float32)
+        samples = np.ascontiguousarray(audio.samples(SAMPLE_RATE, cancel), dtype=np.float32)
         duration = float(audio.duration)
         return Transcription(
             language=language, duration=duration, segments=self._segments(model, samples, duration, cancel)

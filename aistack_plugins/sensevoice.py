@@ -304,7 +304,7 @@ class SenseVoiceBackend:
             )
         query = self._language(options)
         cancel.raise_if_cancelled()
-        samples = np.ascontiguousarray(audio.samples(SAMPLE_RATE), dtype=np.float32)
+        samples = np.ascontiguousarray(audio.samples(SAMPLE_RATE, cancel), dtype=np.float32)
         duration = float(audio.duration)
         spans = self._guarded(lambda: model.speech_spans(samples))
         cancel.raise_if_cancelled()
