@@ -7,6 +7,7 @@ their own variables from ``config.env`` so they need no global state.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -50,6 +51,14 @@ def _default_state_dir() -> Path:
     return Path(base) / "aistack"
 
 
+def _positive_finite(setting: str):
+    def check(_instance, _attribute, value: float) -> None:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{setting}: expected a positive number, got {value!r}")
+
+    return check
+
+
 @attrs.frozen
 class Config:
     host: str = "127.0.0.1"
@@ -65,7 +74,7 @@ class Config:
     # Speech-to-text
     max_upload_mb: int = 1024
     # Longer uploads are refused (413) from the container's length before any decoding.
-    max_audio_min: float = 240.0
+    max_audio_min: float = attrs.field(default=240.0, validator=_positive_finite("AISTACK_MAX_AUDIO_MIN"))
     upload_dir: Path = attrs.field(factory=lambda: Path(tempfile.gettempdir()), converter=Path)
     whisper_default: str | None = None
     whisper_dir: Path | None = None

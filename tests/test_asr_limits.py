@@ -190,3 +190,13 @@ async def test_hanging_up_during_a_long_decode_frees_the_slot_within_a_second(
         latency = time.monotonic() - hung_up
         assert slot.is_free and latency < 1.2, f"slot freed {latency:.2f} s after the hang-up"
         assert list(base_config.upload_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "four hours"])
+def test_the_length_limit_must_be_a_positive_number(value):
+    from aistack_core.config import Config
+
+    with pytest.raises(ValueError, match="AISTACK_MAX_AUDIO_MIN"):
+        Config.from_env({"AISTACK_MAX_AUDIO_MIN": value})
+    assert Config.from_env({}).max_audio_min == 240
+    assert Config.from_env({"AISTACK_MAX_AUDIO_MIN": "30"}).max_audio_min == 30

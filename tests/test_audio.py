@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from aistack_core.media import audio
-from aistack_core.errors import Malformed
+from aistack_core.errors import Cancelled, Malformed, Overflow
 
 TTS_RATE = 22050  # Piper's rate, which Opus cannot take as it is
 
@@ -336,3 +336,64 @@ def test_time_stretch_rejects_speeds_outside_the_api_range():
     for speed in (0.2, 4.5, 0.0, -1.0):
         with pytest.raises(ValueError):
             audio.time_stretch(tone(0.1), TTS_RATE, speed)
+
+
+# --- bounds and windows (speech-to-text input) ------------------------------------
+
+
+def _tone_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * 330.0 * t)).astype(np.int16)
+    path.write_bytes(audio.encode(pcm, rate, "wav"))
+    return path
+
+
+def test_windows_cover_the_file_exactly_and_say_where_they_start(tmp_path):
+    decoded = audio.DecodedAudio.open(_tone_wav(tmp_path / "tone.wav", 7.3))
+    whole = decoded.samples(16000)
+    windows = list(decoded.windows(16000, 2.0))
+    assert [offset for offset, _ in windows] == [0.0, 2.0, 4.0, 6.0]
+    assert [piece.size for _, piece in windows[:-1]] == [32000] * 3
+    assert np.array_equal(np.concatenate([piece for _, piece in windows]), whole)
+    assert all(piece.dtype == np.float32 for _, piece in windows)
+
+
+def test_decoding_stops_at_the_length_limit_whatever_the_header_says(tmp_path):
+    path = _tone_wav(tmp_path / "tone.wav", 5.0)
+    with pytest.raises(Overflow) as refused:
+        audio.DecodedAudio.open(path, max_seconds=3.0)
+    assert refused.value.param == "file"
+    # A header that understates the length is caught while decoding.
+    lying = audio.DecodedAudio(path=path, duration=1.0, info=audio.probe(path), max_seconds=3.0)
+    with pytest.raises(Overflow):
+        lying.samples(16000)
+    with pytest.raises(Overflow):
+        list(lying.windows(16000, 1.0))
+
+
+def test_a_cancelled_decode_stops(tmp_path):
+    from aistack_core import CancelToken
+
+    decoded = audio.DecodedAudio.open(_tone_wav(tmp_path / "tone.wav", 20.0))
+    cancel = CancelToken()
+    windows = decoded.windows(16000, 1.0, cancel)
+    next(windows)
+    cancel.cancel("client disconnected")
+    with pytest.raises(Cancelled):
+        list(windows)
+    with pytest.raises(Cancelled):
+        decoded.samples(16000, cancel)
+
+
+@pytest.mark.parametrize("rate, channels, bounded", [(999, 1, "sample rate"), (384_001, 1, "sample rate"), (16000, 33, "channels")])
+def test_implausible_headers_are_malformed_before_decoding(tmp_path, rate, channels, bounded):
+    block = channels * 2
+    header = (
+        b"RIFF" + struct.pack("<I", 36 + 4000) + b"WAVE" + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * block, block, 16) + b"data" + struct.pack("<I", 4000)
+    )
+    path = tmp_path / "odd.wav"
+    path.write_bytes(header + bytes(4000))
+    with pytest.raises(Malformed, match=bounded) as refused:
+        audio.probe(path)
+    assert refused.value.param == "file"
