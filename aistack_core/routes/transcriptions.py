@@ -53,7 +53,7 @@ FIELDS = (
 def _word_timestamps(form: Form) -> bool:
     """Word alignment costs time: ask for it only when the answer uses words."""
     granularities = form["timestamp_granularities"]
-    if form["segment_granularity"] == "subtitle":
+    if form["segment_granularity"] == "subtitle" or form["response_format"] in ("srt", "vtt"):
         return True
     if granularities is not None and form.sent("timestamp_granularities"):
         return "word" in granularities
