@@ -351,10 +351,14 @@ class LoadedWhisper:
 # Whisper window, cut at pauses of 160 ms or more.
 VAD_OPTIONS = VadOptions(max_speech_duration_s=30, min_silence_duration_ms=160)
 CHUNK_S = 30.0
-# The file is read and voice-detected in pieces of this length, so memory
-# holds one piece, the speech not yet decoded (at most one batch of chunks)
-# and nothing more, however long the recording.
+# The file is read in pieces of this length and voice-detected a piece at
+# first (the first streamed event waits for it), then PIECES_PER_SPAN at a
+# time: speech running past a span's end is listened to again with the
+# next span, so longer spans waste less.  Memory holds one span, the speech
+# not yet decoded (at most one batch of chunks) and nothing more, however
+# long the recording.
 PIECE_S = 30.0
+PIECES_PER_SPAN = 4
 # Speech that reaches the end of a piece may go on in the next one: it is
 # carried over rather than cut mid-word (VAD splits speech at 30 s anyway).
 CARRY_MARGIN_S = 0.5
@@ -426,7 +430,18 @@ def speech_chunks(
     iterator = iter(windows)
     # Closing this generator (a cancel, a hang-up) closes the decoder's file at once.
     with contextlib.closing(iterator) if hasattr(iterator, "close") else contextlib.nullcontext():
-        yield from _pack_speech(iterator, cancel, sample_rate)
+        yield from _pack_speech(_spans_of_pieces(iterator), cancel, sample_rate)
+
+
+def _spans_of_pieces(pieces: Iterator[tuple[float, np.ndarray]]) -> Iterator[tuple[float, np.ndarray]]:
+    """The first piece alone, then PIECES_PER_SPAN pieces joined."""
+    group_size = 1
+    while True:
+        group = list(itertools.islice(pieces, group_size))
+        if not group:
+            return
+        yield group[0][0], group[0][1] if len(group) == 1 else np.concatenate([piece for _, piece in group])
+        group_size = PIECES_PER_SPAN
 
 
 def _pack_speech(

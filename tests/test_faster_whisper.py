@@ -332,8 +332,8 @@ def test_long_silence_is_never_decoded_and_windows_keep_file_time(tiny_en, sente
     (text_a, wav_a), (text_b, wav_b) = sentences_wav[1], sentences_wav[2]
     pcm_a, rate = read_wav(wav_a)
     pcm_b, _ = read_wav(wav_b)
-    # One sentence straddles the first piece border; the other sits in a later piece.
-    starts = (fw.PIECE_S - 1.0, 150.0)
+    # Each sentence straddles a border: the first piece's, then that of the first joined span.
+    starts = (fw.PIECE_S - 1.0, fw.PIECE_S * (1 + fw.PIECES_PER_SPAN) - 1.0)
     path = quiet_wav(tmp_path / "sparse.wav", 200.0, [(starts[0], pcm_a), (starts[1], pcm_b)], rate)
     audio = DecodedAudio.open(path)
     segments = list(backend.transcribe(model, audio, TranscriptionOptions(), CancelToken()).segments)
