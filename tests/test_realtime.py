@@ -336,7 +336,7 @@ async def test_oversized_append_and_full_buffer(make_client):
 
 async def test_session_audio_limit(make_client):
     client = await make_client(plugins={"test-asr": helpers.BackendPlugin(helpers.SlowAsr())},
-                               env={"AISTACK_MAX_AUDIO_MIN": "0.02"})
+                               max_audio_min=0.02)
     ws = await raw_session(client)
     await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0" * 48000).decode()})
     await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0" * 48000).decode()})

@@ -14,10 +14,14 @@ session calls it in a worker thread together with the voice detector.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import attrs
 import av
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..backends import CancelToken
 
 TARGET_RATE = 16000
 PCM_RATES = (8000, 16000, 24000, 32000, 44100, 48000)
@@ -126,7 +130,18 @@ class SampledAudio:
     def duration(self) -> float:
         return self.pcm16k.size / TARGET_RATE
 
-    def samples(self, sample_rate: int = TARGET_RATE) -> np.ndarray:
+    def windows(
+        self, sample_rate: int = TARGET_RATE, seconds: float = 600.0, cancel: "CancelToken | None" = None
+    ) -> Iterator[tuple[float, np.ndarray]]:
+        samples = self.samples(sample_rate)
+        size = max(1, int(round(seconds * sample_rate)))
+        for start in range(0, samples.size, size):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            yield start / sample_rate, samples[start:start + size]
+
+    def samples(self, sample_rate: int = TARGET_RATE, cancel: "CancelToken | None" = None) -> np.ndarray:
+        # Held in memory already: nothing to decode, so nothing for ``cancel`` to stop.
         if sample_rate == TARGET_RATE:
             return self.pcm16k
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
