@@ -29,6 +29,7 @@ from .backends import (  # noqa: E402
     upstream_urls,
 )
 from .config import Config  # noqa: E402
+from .devices import Device, parse_device_names  # noqa: E402
 from .errors import (  # noqa: E402
     AistackError,
     BadGateway,
@@ -42,7 +43,7 @@ from .errors import (  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 
 __all__ = [
-    "__version__", "hookimpl", "Config",
+    "__version__", "hookimpl", "Config", "Device", "parse_device_names",
     "AsrBackend", "AudioInput", "CancelToken", "DoctorCheck", "ModelCard", "Segment", "SpeechOptions",
     "Transcription", "TranscriptionOptions", "TtsBackend", "Upstream", "VadProvider", "VoiceActivityStream",
     "Word",

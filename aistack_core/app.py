@@ -17,8 +17,10 @@ from .context import (
     plugins_key,
     registry_key,
     slot_key,
+    upstream_devices_key,
     upstream_sessions_key,
 )
+from .devices import configured_devices, free_memory_reader, upstream_devices
 from .errors import error_middleware, server_log
 from .load import InFlight, count_in_flight, in_flight_key
 from .model_cache import ModelCache
@@ -33,6 +35,9 @@ from .slot import GpuSlot
 from .upstreams import UpstreamProbes, probes_key, recheck_down_replicas
 
 log = logging.getLogger("aistack.app")
+
+# How long an engine may take to free memory before a load goes ahead anyway.
+RELEASE_TIMEOUT_S = 10.0
 
 # Route families in the order their routes are matched: the catch-all
 # /v1/audio/{tail} proxy comes after the /v1/audio routes served here, and
@@ -77,6 +82,22 @@ async def _model_cache_sweeper(app: web.Application) -> AsyncIterator[None]:
     app[model_cache_key].evict()
 
 
+async def _release_upstream_memory(app: web.Application, device: str) -> None:
+    """Ask each upstream engine working on ``device`` to free the memory it holds idle."""
+    for entry in app[registry_key].upstreams.values():
+        upstream = entry.backend
+        if upstream.release_memory is None or device not in app[upstream_devices_key].get(upstream.name, ()):
+            continue
+        session = app[upstream_sessions_key][upstream.name]
+        try:
+            released = await asyncio.wait_for(upstream.release_memory(session, device), RELEASE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - an engine that cannot answer keeps its memory; the load goes on
+            log.warning("%s could not release memory on %s", upstream.name, device, exc_info=True)
+            continue
+        if released:
+            log.info("%s released %s to make room on %s", upstream.name, ", ".join(released), device)
+
+
 def create_app(config: Config | None = None, *, plugins: PluginSet | None = None) -> web.Application:
     """Build the gateway.
 
@@ -105,9 +126,23 @@ def create_app(config: Config | None = None, *, plugins: PluginSet | None = None
     app[config_key] = config
     app[plugins_key] = plugins
     app[registry_key] = registry
-    app[slot_key] = GpuSlot(wait_s=config.slot_wait_s)
+    devices = configured_devices(config, plugins.manager)
+    app[slot_key] = GpuSlot(wait_s=config.slot_wait_s, devices=devices)
+    app[upstream_devices_key] = {
+        entry.backend.name: upstream_devices(
+            entry.backend.name, entry.backend.devices, entry.backend.uses_local_gpu, devices
+        )
+        for entry in registry.upstreams.values()
+    }
+    cache = ModelCache(
+        keep_alive_s=config.model_keep_alive_s, min_free_mb=config.min_free_ram_mb,
+        default_device=devices[0].name, device_free_memory=free_memory_reader(plugins.manager),
+        min_free_device_mb=config.min_free_vram_mb,
+    )
+    cache.release_elsewhere = lambda device: _release_upstream_memory(app, device)
     app[in_flight_key] = InFlight()
-    app[model_cache_key] = ModelCache(keep_alive_s=config.model_keep_alive_s, min_free_mb=config.min_free_ram_mb)
+    app[model_cache_key] = cache
+    log.info("devices: %s", ", ".join(device.name for device in devices))
     app[probes_key] = UpstreamProbes(timeout_s=config.probe_timeout_s, cache_s=config.probe_cache_s)
     app.cleanup_ctx.append(_upstream_sessions)
     app.cleanup_ctx.append(recheck_down_replicas)  # needs the sessions above

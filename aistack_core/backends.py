@@ -7,6 +7,7 @@ below.  The core calls them; they never see HTTP.  Blocking methods
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import socket
 import threading
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, 
 import attrs
 from yarl import URL
 
+from .devices import Device
 from .errors import Cancelled
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -171,8 +173,12 @@ class AudioInput(Protocol):
 class AsrBackend(Protocol):
     card: ModelCard
 
-    def load(self) -> Any:
-        """Load the model (blocking).  The core caches what this returns."""
+    def load(self, device: Device | None = None) -> Any:
+        """Load the model onto ``device`` (blocking).  The core caches what this returns.
+
+        A backend whose ``load`` takes no ``device`` parameter cannot choose
+        where it runs: the core then uses it on its first device only.
+        """
 
     def transcribe(
         self, model: Any, audio: AudioInput, options: TranscriptionOptions, cancel: CancelToken
@@ -188,6 +194,20 @@ class AsrBackend(Protocol):
 def backend_unavailable(backend: Any) -> str | None:
     check = getattr(backend, "unavailable", None)
     return check() if check is not None else None
+
+
+def chooses_device(backend: Any) -> bool:
+    """Whether the backend's ``load`` takes the device to load onto (older plugins' does not)."""
+    try:
+        parameters = inspect.signature(backend.load).parameters
+    except (TypeError, ValueError):
+        return False
+    return "device" in parameters
+
+
+def load_on(backend: Any, device: Device) -> Any:
+    """Call ``backend.load`` for ``device`` (blocking), the old way when it cannot choose."""
+    return backend.load(device=device) if chooses_device(backend) else backend.load()
 
 
 # --- voice activity detection ---------------------------------------------------
@@ -249,8 +269,8 @@ class TtsBackend(Protocol):
     sample_rate: int
     native_speed: bool
 
-    def load(self) -> Any:
-        """Load the voice models (blocking)."""
+    def load(self, device: Device | None = None) -> Any:
+        """Load the voice models (blocking); ``device`` as for :meth:`AsrBackend.load`."""
 
     def synthesize(self, model: Any, options: SpeechOptions, cancel: CancelToken) -> Iterator["numpy.ndarray"]:
         """Yield audio chunks for ``options.text``."""
@@ -318,6 +338,7 @@ class DiarizationBackend(Protocol):
 # ``probe(session, base_url)``: what the upstream at ``base_url`` serves now.
 ModelProbe = Callable[["aiohttp.ClientSession", str], Awaitable[list[ModelCard]]]
 JsonRewrite = Callable[[dict[str, Any]], dict[str, Any]]
+MemoryRelease = Callable[["aiohttp.ClientSession", str], Awaitable[list[str]]]
 
 _THIS_MACHINE_NAMES = frozenset({"localhost", "host.docker.internal", "0.0.0.0", "::"})
 
@@ -367,8 +388,16 @@ class Upstream:
     timeout before the answer's headers becomes: 504 for an upstream that is
     merely slow to answer, 502 where the upstream's own contract treats every
     transport failure as a bad gateway (Qwen3-TTS).  ``headers`` are added to
-    every request sent upstream; ``uses_local_gpu`` says whether its work
-    runs on this machine's GPUs (and so takes the slot).
+    every request sent upstream.
+
+    ``devices`` are the gateway devices (``AISTACK_DEVICES`` names) the
+    engine's work runs on: a proxied request takes the slot of one of them.
+    None means the default: every device when ``uses_local_gpu`` (its work
+    runs on this machine), none otherwise (a remote engine's work takes no
+    slot); ``("all",)`` every device; ``()`` none.  ``release_memory``, when
+    given, asks the engine to free what it holds idle on a device before an
+    in-process model loads there; it is called with the upstream's session
+    and the device name and returns what it released (for the log).
 
     When several upstreams share a capability, a request goes to the one
     whose probe lists its ``model``; a model nobody lists goes to the first
@@ -394,6 +423,9 @@ class Upstream:
     # False for an engine on another machine: its work does not take a local GPU slot.
     uses_local_gpu: bool = True
     catch_all: bool = True
+    # Which of the gateway's devices its work occupies (None: all if uses_local_gpu, else none).
+    devices: tuple[str, ...] | None = None
+    release_memory: MemoryRelease | None = None
 
     @property
     def base_url(self) -> str:

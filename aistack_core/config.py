@@ -15,6 +15,8 @@ from typing import Mapping
 
 import attrs
 
+from .devices import Device, parse_devices
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -46,6 +48,16 @@ def _mapping(value: str | None) -> dict[str, str]:
     return result
 
 
+def _devices(value: "str | tuple[Device, ...] | list[Device] | None") -> tuple[Device, ...] | None:
+    """AISTACK_DEVICES as given (a string) or already parsed; None means auto."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parsed = parse_devices(value)
+        return None if parsed is None else tuple(parsed)
+    return tuple(value)
+
+
 def _default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "aistack"
@@ -66,10 +78,12 @@ class Config:
     log_format: str = "text"
     # Plugins
     load_plugins: tuple[str, ...] | None = None  # None = all; () = none
-    # GPU slot and model cache
+    # Devices (one slot each) and the model cache
+    devices: tuple[Device, ...] | None = attrs.field(default=None, converter=_devices)  # None: auto
     slot_wait_s: float = 0.0
     model_keep_alive_s: float = 300.0
     min_free_ram_mb: int = 512
+    min_free_vram_mb: int = 1024
     preload: tuple[str, ...] = ()  # model ids loaded at start-up (AISTACK_PRELOAD)
     # Speech-to-text
     max_upload_mb: int = 1024
@@ -159,6 +173,8 @@ class Config:
             "SLOT_WAIT_S": ("slot_wait_s", float),
             "MODEL_KEEP_ALIVE_SEC": ("model_keep_alive_s", float),
             "MIN_FREE_RAM_MB": ("min_free_ram_mb", int),
+            "MIN_FREE_VRAM_MB": ("min_free_vram_mb", int),
+            "DEVICES": ("devices", _devices),
             "MAX_UPLOAD_MB": ("max_upload_mb", int),
             "MAX_AUDIO_MIN": ("max_audio_min", float),
             "UPLOAD_DIR": ("upload_dir", Path),

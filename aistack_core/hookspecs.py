@@ -67,6 +67,35 @@ def register_upstreams(register: "Callable[[Upstream], None]", config: "Config")
 
 
 @hookspec
+def list_devices(config: "Config") -> "list[str]":
+    """Name the GPUs this plugin's library can see, for ``AISTACK_DEVICES=auto``.
+
+    :param config: the server's settings.
+    :return: device names such as ``["cuda:0", "cuda:1"]`` (an empty list
+        when the library sees none).  The core uses the union of every
+        plugin's answer; with none at all it runs on one ``cpu`` device.
+
+    Called once while the app is built.  Ask the library for a count only
+    (no model load, no memory allocation); a hook that raises is logged and
+    ignored.
+    """
+
+
+@hookspec(firstresult=True)
+def device_free_memory_mb(device: str) -> "float | None":
+    """Say how much memory is free on a GPU, for eviction before a load.
+
+    :param device: a device name from ``AISTACK_DEVICES`` (``"cuda:1"``);
+        never a CPU device, whose free memory the core reads itself.
+    :return: free megabytes on that device, or None when this plugin's
+        library cannot tell.
+
+    Stops at first non-None result.  Called from a worker thread before an
+    in-process model loads onto ``device``; it may block briefly.
+    """
+
+
+@hookspec
 def doctor_checks(config: "Config") -> "list[DoctorCheck]":
     """Check what this plugin needs, for ``aistack doctor``.
 

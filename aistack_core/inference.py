@@ -6,12 +6,15 @@ write the same three lines::
     async with inference(request, "asr", entry) as run:
         result = await run.in_thread(backend.transcribe, run.model, audio, options, run.cancel)
 
-and get the same guarantees: the GPU slot is taken (or the request turned
-away with 503 + ``Retry-After`` by :mod:`aistack_core.slot`); a client that
+and get the same guarantees: the slot of one device is taken — a free device
+that can serve, one already holding the model first — or the request is
+turned away with 503 + ``Retry-After`` by :mod:`aistack_core.slot`
+(``run.device`` says which device it got); a client that
 goes away cancels the work — the worker thread is told through
 ``run.cancel`` and is waited for, so the slot is never released while a
-worker still computes; the model comes from the cache keyed by (capability,
-model id) and stays pinned while in use; and the request's outcome record
+worker still computes; the model comes from the cache keyed by (device,
+capability, model id), loaded onto that device, and stays pinned while in
+use; and the request's outcome record
 gets the slot wait, model load, inference time and real-time factor.
 """
 
@@ -19,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import time
-from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
 import attrs
 from aiohttp import web
 
-from .backends import CancelToken
+from .backends import CancelToken, chooses_device, load_on
 from .context import model_cache_key, slot_key
+from .devices import Device
 from .errors import Busy, Cancelled
 from .observe.record import RequestInfo, request_info
 from .streaming import finish_in_thread, iterate_in_thread
@@ -78,6 +83,15 @@ class DisconnectWatch:
             await self._task
 
 
+def candidate_devices(slots: Any, backend: Any, devices: Sequence[str] | None = None, load: bool = True) -> list[str]:
+    """The devices that may serve: ``devices`` (all when None), cut to the first for a backend
+    whose ``load`` cannot choose where it runs."""
+    candidates = list(slots.device_names if devices is None else devices)
+    if load and not chooses_device(backend):
+        candidates = candidates[:1]
+    return candidates
+
+
 @attrs.define
 class Inference:
     """What the body of ``async with inference(...)`` works with."""
@@ -87,6 +101,7 @@ class Inference:
     entry: Any  # the registry's Registered: backend + plugin
     cancel: CancelToken
     model: Any = None  # the loaded model (None when nothing is loaded, as for proxies)
+    device: Device | None = None  # the device whose slot this inference holds (None: no slot)
     audio_seconds: float | None = None  # set by the route: turns inference time into a real-time factor
 
     async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
@@ -109,7 +124,8 @@ async def inference(
     load: bool = True,
     hold_slot: bool = True,
     watch_disconnect: bool = True,
-    on_slot: Callable[[], Any] | None = None,
+    on_slot: Callable[[Device | None], Any] | None = None,
+    devices: Sequence[str] | None = None,
 ) -> AsyncIterator[Inference]:
     """Hold everything one inference needs for the body of the ``async with``.
 
@@ -123,10 +139,13 @@ async def inference(
         (a remote upstream).
     :param watch_disconnect: False for WebSocket sessions, which notice a
         vanished peer through their own heartbeat.
-    :param on_slot: called (and awaited, if it is a coroutine function) once
-        the slot is ours, before any work: the LLM proxy frees speech models
-        there, since a request turned away as busy must not evict what the
-        slot holder may need next.
+    :param on_slot: called with the device (and awaited, if it is a
+        coroutine function) once the slot is ours, before any work: the LLM
+        proxy frees speech models on that device there, since a request
+        turned away as busy must not evict what the slot holder may need next.
+    :param devices: the devices that may serve (an upstream's); every device
+        when None.  A backend whose ``load`` cannot choose its device is
+        used on the first device only.
 
     Raises :class:`~aistack_core.errors.Busy` when the slot is taken and
     :class:`~aistack_core.errors.Cancelled` when the client went away.
@@ -141,20 +160,30 @@ async def inference(
     watch = DisconnectWatch(request, token) if watch_disconnect else None
     try:
         async with contextlib.AsyncExitStack() as held:
-            if hold_slot:
-                slot = request.app[slot_key]
-                info.slot_wait_s = await held.enter_async_context(
-                    slot.acquire_or_busy(capability, info.model or "?", info.request_id)
+            slots = request.app[slot_key]
+            cache = request.app[model_cache_key]
+            candidates = candidate_devices(slots, entry.backend, devices, load)
+            prefer = cache.placement((capability, card.id), candidates) if load else ()
+            if hold_slot and candidates:
+                lease = await held.enter_async_context(
+                    slots.acquire_or_busy(
+                        capability, info.model or "?", info.request_id, devices=candidates, prefer=prefer
+                    )
                 )
+                info.slot_wait_s = lease.waited_s
+                run.device = lease.device
+            elif load:
+                run.device = slots.device((prefer or candidates or slots.device_names)[0])
             if on_slot is not None:
-                started = on_slot()
+                started = on_slot(run.device)
                 if inspect.isawaitable(started):
                     await started
             if load:
+                assert run.device is not None
                 loading_started = time.monotonic()
-                cache = request.app[model_cache_key]
+                loader = functools.partial(load_on, entry.backend, run.device)
                 run.model = await held.enter_async_context(
-                    cache.use((capability, card.id), capability, entry.backend.load)
+                    cache.use((capability, card.id), capability, loader, device=run.device.name)
                 )
                 info.model_load_s = time.monotonic() - loading_started
             started = time.monotonic()

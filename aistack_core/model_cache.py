@@ -1,9 +1,17 @@
 """Load-once, keep-alive model cache: the contract's "hot-swap".
 
-Models load on first use (once, even when requests race), stay for
-``keep_alive_s`` after their last use, can be evicted by category (the LLM
-proxy frees ASR memory before Ollama loads), and idle models are evicted
-before a load when free memory is short.
+Models load on first use (once per device, even when requests race), stay
+for ``keep_alive_s`` after their last use, can be evicted by category and
+device (the LLM proxy frees ASR memory before its engine loads), and idle
+models are evicted before a load when the device's free memory is short:
+system RAM for CPU devices (shared by all of them), the GPU's own memory
+for a GPU (as a plugin's ``device_free_memory_mb`` hook reports it).  When
+dropping our own idle models is not enough, ``release_elsewhere`` asks the
+other engines on that device (an upstream's ``release_memory``) to let go.
+
+Entries are keyed by (device, capability, model id); the methods take the
+(capability, model id) key and a device name, which defaults to the first
+device of the pool.
 """
 
 from __future__ import annotations
@@ -15,15 +23,19 @@ import logging
 import os
 import sys
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Sequence
 
 import attrs
+
+from .devices import shares_system_memory
 
 log = logging.getLogger("aistack.model_cache")
 
 
 # (capability, model id): ids are unique only within a capability.
 ModelKey = tuple[str, str]
+# Where an entry lives: (device name, model key).
+PlacedKey = tuple[str, Hashable]
 
 
 @attrs.define
@@ -41,6 +53,7 @@ class CachedModel:
     # Loaded on purpose (AISTACK_PRELOAD, the admin API): kept past the
     # keep-alive until unloaded; memory pressure and category eviction still apply.
     pinned: bool = False
+    device: str = "cpu"
 
 
 class ModelInUse(RuntimeError):
@@ -100,12 +113,26 @@ class ModelCache:
         keep_alive_s: float = 300.0,
         min_free_mb: float = 512,
         free_memory: Callable[[], float | None] = free_memory_mb,
+        *,
+        default_device: str = "cpu",
+        device_free_memory: Callable[[str], float | None] | None = None,
+        min_free_device_mb: float = 1024,
     ) -> None:
+        """
+        :param free_memory: free system RAM in MB (CPU devices).
+        :param device_free_memory: free memory of a GPU by device name, None when unknown.
+        :param min_free_device_mb: the GPU counterpart of ``min_free_mb``.
+        """
         self.keep_alive_s = keep_alive_s
         self.min_free_mb = min_free_mb
+        self.min_free_device_mb = min_free_device_mb
+        self.default_device = default_device
         self._free_memory = free_memory
-        self._models: dict[ModelKey, CachedModel] = {}
-        self._loading: dict[ModelKey, asyncio.Lock] = {}
+        self._device_free_memory = device_free_memory
+        self._models: dict[PlacedKey, CachedModel] = {}
+        self._loading: dict[PlacedKey, asyncio.Lock] = {}
+        # Set by the app: asks the other engines on a device to free memory there.
+        self.release_elsewhere: Callable[[str], Awaitable[Any]] | None = None
         self.loads = 0
         self.evictions = 0
 
@@ -114,6 +141,7 @@ class ModelCache:
         return [
             {
                 "key": f"{m.key[0]}:{m.key[1]}",
+                "device": m.device,
                 "capability": m.key[0],
                 "model": m.key[1],
                 "category": m.category,
@@ -124,44 +152,85 @@ class ModelCache:
             for m in self._models.values()
         ]
 
-    def entry(self, key: ModelKey) -> CachedModel | None:
-        """The resident model under ``key``, for reading (None when not loaded)."""
-        return self._models.get(key)
+    def loaded_entries(self) -> list[CachedModel]:
+        """Every resident model, for reading."""
+        return list(self._models.values())
 
-    async def load(self, key: ModelKey, category: str, loader: Callable[[], Any]) -> tuple[CachedModel, bool]:
-        """Load ``key`` now (if it is not resident) and pin it; returns (entry, whether it was loaded here)."""
+    def _device(self, device: str | None) -> str:
+        return self.default_device if device is None else device
+
+    def entry(self, key: ModelKey, device: str | None = None) -> CachedModel | None:
+        """The resident model under ``key`` (on ``device``, or the first device holding it), for reading."""
+        if device is not None:
+            return self._models.get((device, key))
+        return next(iter(self.entries(key)), None)
+
+    def entries(self, key: ModelKey) -> list[CachedModel]:
+        """Every resident copy of ``key``, one per device holding it."""
+        # list() copies in one step: admin listings read this from a worker thread.
+        return [m for (_, held), m in list(self._models.items()) if held == key]
+
+    def resident_devices(self, key: ModelKey) -> list[str]:
+        return [m.device for m in self.entries(key)]
+
+    def placement(self, key: ModelKey, devices: Sequence[str]) -> list[str]:
+        """``devices`` in the order a request for ``key`` should try them.
+
+        Devices already holding the model first (no load), then those with
+        the fewest resident models (so different models spread out), each
+        group in the given order.
+        """
+        resident = set(self.resident_devices(key))
+        counts = {name: 0 for name in devices}
+        for device, _ in self._models:
+            if device in counts:
+                counts[device] += 1
+        order = {name: i for i, name in enumerate(devices)}
+        return sorted(devices, key=lambda name: (name not in resident, counts[name], order[name]))
+
+    async def load(
+        self, key: ModelKey, category: str, loader: Callable[[], Any], device: str | None = None
+    ) -> tuple[CachedModel, bool]:
+        """Load ``key`` now on ``device`` (if it is not resident there) and pin it.
+
+        Returns (entry, whether it was loaded here).
+        """
         loads_before = self.loads
-        entry = await self._get(key, category, loader)
+        entry = await self._get(key, category, loader, self._device(device))
         entry.pinned = True
         return entry, self.loads > loads_before
 
-    async def unload(self, key: ModelKey) -> bool:
-        """Drop ``key`` now and give its memory back; False when it was not resident.
+    async def unload(self, key: ModelKey, device: str | None = None) -> bool:
+        """Drop ``key`` now (from ``device``, or from every device when None) and give its memory back.
 
-        Raises :class:`ModelInUse` while a request holds it.
+        False when it was not resident.  Raises :class:`ModelInUse` while a
+        request holds it, dropping nothing.
         """
-        entry = self._models.get(key)
-        if entry is None:
+        placed = [(d, k) for (d, k) in self._models if k == key and (device is None or d == device)]
+        if not placed:
             return False
-        if entry.in_use:
+        if any(self._models[p].in_use for p in placed):
             raise ModelInUse(key)
-        del self._models[key]
-        self.evictions += 1
-        entry.model = None  # the cache's reference is the one that keeps the weights alive
-        log.info("unloaded model %s:%s (asked for)", key[0], key[1])
+        for p in placed:
+            entry = self._models.pop(p)
+            self.evictions += 1
+            entry.model = None  # the cache's reference is the one that keeps the weights alive
+            log.info("unloaded model %s on %s (asked for)", _name(key), p[0])
         await asyncio.to_thread(release_accelerator_memory)
         return True
 
     def __contains__(self, key: ModelKey) -> bool:
-        return key in self._models
+        return any(held == key for _, held in self._models)
 
     @contextlib.asynccontextmanager
-    async def use(self, key: ModelKey, category: str, loader: Callable[[], Any]) -> AsyncIterator[Any]:
-        """Yield the loaded model for ``key``, loading it in a thread if needed.
+    async def use(
+        self, key: ModelKey, category: str, loader: Callable[[], Any], device: str | None = None
+    ) -> AsyncIterator[Any]:
+        """Yield the loaded model for ``key`` on ``device``, loading it in a thread if needed.
 
         While inside the ``async with`` the model is pinned: eviction skips it.
         """
-        entry = await self._get(key, category, loader)
+        entry = await self._get(key, category, loader, self._device(device))
         entry.in_use += 1
         try:
             yield entry.model
@@ -169,61 +238,110 @@ class ModelCache:
             entry.in_use -= 1
             entry.last_used = time.monotonic()
 
-    async def _get(self, key: ModelKey, category: str, loader: Callable[[], Any]) -> CachedModel:
-        entry = self._models.get(key)
+    async def _get(self, key: ModelKey, category: str, loader: Callable[[], Any], device: str) -> CachedModel:
+        placed = (device, key)
+        entry = self._models.get(placed)
         if entry is not None:
             entry.last_used = time.monotonic()
             return entry
-        lock = self._loading.setdefault(key, asyncio.Lock())
+        lock = self._loading.setdefault(placed, asyncio.Lock())
         async with lock:
-            entry = self._models.get(key)
+            entry = self._models.get(placed)
             if entry is not None:
                 return entry
-            self.evict_for_memory()
+            await self.make_room(device)
             started = time.monotonic()
             model, memory_mb = await asyncio.to_thread(_load_measured, loader)
             now = time.monotonic()
-            entry = CachedModel(key, category, model, now, now, now - started, memory_mb=memory_mb)
-            self._models[key] = entry
+            entry = CachedModel(key, category, model, now, now, now - started, memory_mb=memory_mb, device=device)
+            self._models[placed] = entry
             self.loads += 1
-            log.info("loaded model %s:%s in %.2f s", key[0], key[1], now - started)
+            log.info("loaded model %s on %s in %.2f s", _name(key), device, now - started)
             return entry
 
-    def _drop(self, keys: list[ModelKey], why: str) -> list[ModelKey]:
-        for key in keys:
-            self._models.pop(key, None)
-            self.evictions += 1
-            log.info("evicted model %s:%s (%s)", key[0], key[1], why)
-        if keys:
+    def _drop(self, placed: list[PlacedKey], why: str) -> list[ModelKey]:
+        dropped = []
+        for device, key in placed:
+            if self._models.pop((device, key), None) is not None:
+                self.evictions += 1
+                dropped.append(key)
+                log.info("evicted model %s on %s (%s)", _name(key), device, why)
+        if dropped:
             release_accelerator_memory()
-        return keys
+        return dropped
 
-    def evict(self, category: str | None = None) -> list[str]:
-        """Drop every idle model of ``category`` (all categories when None)."""
-        keys = [
-            key for key, m in self._models.items() if m.in_use == 0 and (category is None or m.category == category)
+    def evict(self, category: str | None = None, device: str | None = None) -> list[ModelKey]:
+        """Drop every idle model of ``category`` (all when None) on ``device`` (every device when None)."""
+        placed = [
+            p for p, m in self._models.items()
+            if m.in_use == 0 and (category is None or m.category == category) and (device is None or p[0] == device)
         ]
-        return self._drop(keys, f"evict({category or 'all'})")
+        return self._drop(placed, f"evict({category or 'all'}{'' if device is None else ' on ' + device})")
 
     def evict_expired(self) -> list[ModelKey]:
         cutoff = time.monotonic() - self.keep_alive_s
-        keys = [
-            key for key, m in self._models.items() if m.in_use == 0 and not m.pinned and m.last_used <= cutoff
-        ]
-        return self._drop(keys, "keep-alive expired")
+        placed = [p for p, m in self._models.items() if m.in_use == 0 and not m.pinned and m.last_used <= cutoff]
+        return self._drop(placed, "keep-alive expired")
 
-    def evict_for_memory(self) -> list[str]:
-        """Before a load: drop idle models, least recently used first, while free RAM is short."""
-        dropped: list[str] = []
-        free = self._free_memory()
-        while free is not None and free < self.min_free_mb:
-            idle = [m for m in self._models.values() if m.in_use == 0]
-            if not idle:
+    # --- memory pressure ------------------------------------------------------------
+
+    def free_mb(self, device: str | None = None) -> float | None:
+        """Free memory where ``device``'s models live: RAM for CPU devices, the GPU's own otherwise.
+
+        None when it cannot be told.  May block (a GPU library call): the
+        cache itself asks from a worker thread.
+        """
+        device = self._device(device)
+        if shares_system_memory(device):
+            return self._free_memory()
+        return None if self._device_free_memory is None else self._device_free_memory(device)
+
+    def _threshold(self, device: str) -> float:
+        return self.min_free_mb if shares_system_memory(device) else self.min_free_device_mb
+
+    def _drop_oldest_idle(self, device: str, free: float) -> list[ModelKey]:
+        """Drop the least recently used idle model sharing ``device``'s memory; [] when there is none.
+
+        CPU devices share the system RAM, so any CPU device's idle models may
+        go (this device's first); on a GPU only that GPU's.
+        """
+        ram = shares_system_memory(device)
+        idle = [
+            (p, m) for p, m in self._models.items()
+            if m.in_use == 0 and (p[0] == device or (ram and shares_system_memory(p[0])))
+        ]
+        if not idle:
+            return []
+        oldest = min(idle, key=lambda pm: (pm[0][0] != device, pm[1].last_used))
+        return self._drop([oldest[0]], f"free memory {free:.0f} MB < {self._threshold(device):.0f} MB")
+
+    def evict_for_memory(self, device: str | None = None) -> list[ModelKey]:
+        """Drop idle models, least recently used first, while ``device``'s free memory is short."""
+        device = self._device(device)
+        dropped: list[ModelKey] = []
+        free = self.free_mb(device)
+        while free is not None and free < self._threshold(device):
+            step = self._drop_oldest_idle(device, free)
+            if not step:
                 break
-            oldest = min(idle, key=lambda m: m.last_used)
-            dropped += self._drop([oldest.key], f"free memory {free:.0f} MB < {self.min_free_mb} MB")
-            free = self._free_memory()
+            dropped += step
+            free = self.free_mb(device)
         return dropped
+
+    async def make_room(self, device: str | None = None) -> None:
+        """Before a load on ``device``: drop our idle models there while memory is short, then ask the
+        other engines on that device (``release_elsewhere``) if it still is."""
+        device = self._device(device)
+        threshold = self._threshold(device)
+        free = await asyncio.to_thread(self.free_mb, device)
+        while free is not None and free < threshold and self._drop_oldest_idle(device, free):
+            free = await asyncio.to_thread(self.free_mb, device)  # the library call may block
+        if free is None or free >= threshold or self.release_elsewhere is None:
+            return
+        try:
+            await self.release_elsewhere(device)
+        except Exception:  # noqa: BLE001 - the load goes ahead; it may still fit
+            log.warning("asking other engines to free memory on %s failed", device, exc_info=True)
 
     async def run_sweeper(self, interval_s: float | None = None) -> None:
         """Background task: drop models idle past keep-alive."""
@@ -231,3 +349,7 @@ class ModelCache:
         while True:
             await asyncio.sleep(interval)
             self.evict_expired()
+
+
+def _name(key: Hashable) -> str:
+    return ":".join(key) if isinstance(key, tuple) else str(key)

@@ -40,7 +40,7 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from .backends import Upstream
-from .context import config_key, upstream_sessions_key
+from .context import config_key, upstream_devices_key, upstream_sessions_key
 from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
 from .forms import bounded_stream, broken_body, send_continue
 from .inference import client_gone, inference
@@ -564,7 +564,7 @@ async def relay(
     *,
     body: bytes | None = None,
     model_id: str | None = None,
-    on_slot: Callable[[], Any] | None = None,
+    on_slot: Callable[[Any], Any] | None = None,
 ) -> web.StreamResponse:
     """Send ``request`` to the upstream ``entry`` serves, holding the slot, and stream back.
 
@@ -574,9 +574,11 @@ async def relay(
     upstream: Upstream = entry.backend
     session = request.app[upstream_sessions_key][upstream.name]
     is_websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+    # The slot of one of the devices its engine works on; none for an engine on another machine.
+    devices = request.app[upstream_devices_key].get(upstream.name, ())
     async with inference(
         request, capability, entry, model_id=model_id, provider=upstream.provider, load=False,
-        hold_slot=upstream.uses_local_gpu, watch_disconnect=not is_websocket, on_slot=on_slot,
+        hold_slot=bool(devices), devices=devices, watch_disconnect=not is_websocket, on_slot=on_slot,
     ):
         if is_websocket:
             return await forward_websocket(request, upstream, session)

@@ -44,6 +44,7 @@ from aistack_core import (
     CancelToken,
     DoctorCheck,
     Config,
+    Device,
     Malformed,
     ModelCard,
     Network,
@@ -619,19 +620,27 @@ class FasterWhisperBackend:
                 provider=PROVIDER,
             ) from exc
 
-    def load(self) -> LoadedWhisper:
+    def load(self, device: Device | None = None) -> LoadedWhisper:
         location = self._model_location()
-        device = self._detect_device()
+        if device is None:
+            choice, index, threads = self._detect_device(), 0, 0
+        else:
+            # The gateway's device: a GPU by index, or a CPU share with its own thread count.
+            on_gpu = device.kind == "cuda"
+            choice = DeviceChoice("cuda", "float16", BATCH_SIZE_CUDA) if on_gpu \
+                else DeviceChoice("cpu", "int8", BATCH_SIZE_CPU)
+            index, threads = device.index, device.cpu_threads
+        where = {"device": choice.device, "device_index": index, "cpu_threads": threads}
         try:
             try:
-                model = WhisperModel(location, device=device.device, compute_type=device.compute_type, cpu_threads=0)
+                model = WhisperModel(location, compute_type=choice.compute_type, **where)
             except ValueError as exc:
-                if device.device != "cuda":
+                if choice.device != "cuda":
                     raise
                 # Older GPUs lack fast float16; let CTranslate2 choose what the card can do.
                 log.warning("float16 unavailable for %s (%s); using the default compute type", self.card.id, exc)
-                device = attrs.evolve(device, compute_type="default")
-                model = WhisperModel(location, device=device.device, compute_type=device.compute_type, cpu_threads=0)
+                choice = attrs.evolve(choice, compute_type="default")
+                model = WhisperModel(location, compute_type=choice.compute_type, **where)
         except RuntimeError as exc:
             if _is_out_of_memory(exc):
                 raise Overflow(
@@ -639,8 +648,8 @@ class FasterWhisperBackend:
                     provider=PROVIDER,
                 ) from exc
             raise
-        log.info("loaded %s from %s on %s (%s)", self.card.id, location, device.device, device.compute_type)
-        return LoadedWhisper(model, device)
+        log.info("loaded %s from %s on %s:%d (%s)", self.card.id, location, choice.device, index, choice.compute_type)
+        return LoadedWhisper(model, choice)
 
     # -- transcribe ----------------------------------------------------------------
 
@@ -800,6 +809,12 @@ def build_backends(
 def register_asr_backends(register, config: Config) -> None:
     for backend in build_backends(config):
         register(backend)
+
+
+@hookimpl
+def list_devices(config: Config) -> list[str]:
+    """The GPUs CTranslate2 can run Whisper on (AISTACK_DEVICES=auto)."""
+    return [f"cuda:{index}" for index in range(ctranslate2.get_cuda_device_count())]
 
 
 @hookimpl

@@ -5,21 +5,33 @@ installed models (``GET /api/tags``) are what ``/v1/models`` lists.  Two
 gateway behaviours live here as data the core applies: resident ASR models
 are evicted first (so Ollama can load into the freed GPU memory), and
 ``keep_alive`` defaults to 30 s so an idle Ollama gives the memory back.
+And the other way round: before an in-process model loads onto a device
+whose memory is short, the core calls ``release_memory``, which asks Ollama
+(``GET /api/ps``) what it holds and unloads each of those models
+(``POST /api/generate`` with ``keep_alive: 0``; Ollama unloads once any
+request still using a model is done).
 
 ``AISTACK_OLLAMA_URL`` may name several daemons, comma-separated; requests
 go to the first one that is reachable.  Settings beyond the URL, read from
 ``config.env``:
 ``AISTACK_OLLAMA_CONNECT_TIMEOUT_S`` (default 5),
-``AISTACK_OLLAMA_READ_TIMEOUT_S`` (default 600).
+``AISTACK_OLLAMA_READ_TIMEOUT_S`` (default 600),
+``AISTACK_OLLAMA_DEVICES`` (the gateway devices Ollama's work runs on:
+``cuda:0,cuda:1``, ``all`` or ``none``; default all when the URL is on this
+machine, none otherwise).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
-from aistack_core import Config, ModelCard, Upstream, hookimpl, runs_on_this_machine, upstream_urls
+from aistack_core import Config, ModelCard, Upstream, hookimpl, parse_device_names, runs_on_this_machine, upstream_urls
+
+log = logging.getLogger("aistack.plugins.ollama")
 
 PROVIDER = "Ollama"
 DEFAULT_KEEP_ALIVE = "30s"
@@ -76,6 +88,54 @@ def default_keep_alive(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "keep_alive": DEFAULT_KEEP_ALIVE}
 
 
+async def _release_at(session: aiohttp.ClientSession, base_url: str, device: str, headers: dict) -> list[str]:
+    async with session.get(base_url + "/api/ps", headers=headers) as response:
+        if response.status != 200:
+            return []
+        running = (await response.json(content_type=None)).get("models") or []
+    on_gpu = not (device == "cpu" or device.startswith("cpu:"))
+    unloaded = []
+    for model in running:
+        if not isinstance(model, dict):
+            continue
+        name = model.get("name") or model.get("model")
+        size, in_vram = model.get("size") or 0, model.get("size_vram") or 0
+        if not isinstance(name, str) or not name:
+            continue
+        if (in_vram <= 0) if on_gpu else (in_vram >= size):
+            continue  # none of it where memory is wanted
+        body = {"model": name, "keep_alive": 0}
+        async with session.post(base_url + "/api/generate", json=body, headers=headers) as answer:
+            if answer.status == 200:
+                unloaded.append(name)
+    return unloaded
+
+
+def make_release_memory(urls: tuple[str, ...]) -> Callable[[aiohttp.ClientSession, str], Awaitable[list[str]]]:
+    # The daemons on this machine hold its memory; with none listed as local, the operator
+    # declared the devices (AISTACK_OLLAMA_DEVICES), so every listed daemon is asked.
+    local = tuple(url for url in urls if runs_on_this_machine(url)) or urls
+    identity = {"Accept-Encoding": "identity"}  # proxy sessions do not decompress
+
+    async def release_memory(session: aiohttp.ClientSession, device: str) -> list[str]:
+        """Unload what Ollama holds on this kind of device; returns the models it unloaded.
+
+        Ollama cannot say which GPU a model sits on, only how much of it is
+        in GPU memory (``size_vram``): for a GPU, the models with some;
+        for a CPU device, the models with some in system memory.
+        """
+        unloaded = []
+        for base_url in local:
+            try:
+                unloaded += await _release_at(session, base_url, device, identity)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError, TypeError) as exc:
+                # A daemon that is down or answers oddly keeps what it has; the others are still asked.
+                log.warning("Ollama at %s could not unload its models: %s: %s", base_url, type(exc).__name__, exc)
+        return unloaded
+
+    return release_memory
+
+
 def make_upstream(config: Config) -> Upstream:
     # AISTACK_OLLAMA_URL may list several daemons (comma-separated): the core
     # sends each request to the first reachable one.
@@ -98,6 +158,8 @@ def make_upstream(config: Config) -> Upstream:
         timeout_status=504,
         # An Ollama on another machine computes there: no local slot, nothing to evict here.
         uses_local_gpu=any(runs_on_this_machine(url) for url in urls),
+        devices=parse_device_names(config.env.get("AISTACK_OLLAMA_DEVICES")),
+        release_memory=make_release_memory(urls),
     )
 
 

@@ -38,6 +38,7 @@ from aistack_core import (
     CancelToken,
     DoctorCheck,
     Config,
+    Device,
     Malformed,
     ModelCard,
     Network,
@@ -265,11 +266,14 @@ class ParakeetBackend:
             return exc.message
         return None
 
-    def load(self) -> LoadedParakeet:
+    def load(self, device: Device | None = None) -> LoadedParakeet:
         source = resolve_weights(self.config)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        location = torch.device(device)
-        log.info("loading Parakeet from %s on %s", source, device)
+        if device is None:
+            device_name = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device_name = device.qualified_name  # "cuda:1" or "cpu": the gateway's device
+        location = torch.device(device_name)
+        log.info("loading Parakeet from %s on %s", source, device_name)
         try:
             if isinstance(source, Path):
                 model = ASRModel.restore_from(str(source), map_location=location)
@@ -287,7 +291,7 @@ class ParakeetBackend:
                 f"Could not {verb} Parakeet from {source}: {type(exc).__name__}: {exc}", provider=PROVIDER
             ) from exc
         model.eval()
-        return LoadedParakeet(model, device)
+        return LoadedParakeet(model, device_name)
 
     def _language(self, options: TranscriptionOptions) -> str:
         requested = (options.language or "").strip().lower().replace("_", "-").split("-")[0]
@@ -352,6 +356,21 @@ def _shifted(words: Sequence[Word], offset: float) -> list[Word]:
 @hookimpl
 def register_asr_backends(register, config: Config) -> None:
     register(ParakeetBackend(config))
+
+
+@hookimpl
+def list_devices(config: Config) -> list[str]:
+    """The GPUs torch can run Parakeet on (AISTACK_DEVICES=auto)."""
+    return [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+@hookimpl
+def device_free_memory_mb(device: str) -> float | None:
+    """Free memory of a GPU as its driver reports it (all engines' use counted), None on the CPU."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free_bytes, _total = torch.cuda.mem_get_info(torch.device(device))
+    return free_bytes / (1024 * 1024)
 
 
 @hookimpl

@@ -8,7 +8,14 @@ it is up.  Settings beyond the URL are read from ``config.env``:
 
 ``AISTACK_QWEN3_TTS_CONNECT_TIMEOUT_S`` (default 5)
 ``AISTACK_QWEN3_TTS_READ_TIMEOUT_S`` (default 600: the first request after
-the container starts compiles for one to two and a half minutes).
+the container starts compiles for one to two and a half minutes),
+``AISTACK_QWEN3_TTS_DEVICES`` (the gateway devices its work runs on:
+``cuda:0``, ``all`` or ``none``; default all when the URL is on this machine,
+none otherwise).
+
+vLLM-Omni reserves a fixed share of its GPU's memory when it starts
+(``gpu_memory_utilization`` in the compose file) and keeps it: there is no
+``release_memory`` here, so size the in-process models to fit beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Callable
 
 import aiohttp
 
-from aistack_core import Config, ModelCard, Upstream, hookimpl, runs_on_this_machine, upstream_urls
+from aistack_core import Config, ModelCard, Upstream, hookimpl, parse_device_names, runs_on_this_machine, upstream_urls
 
 MODEL_ID = "qwen3-tts-12hz-0.6b-customvoice"
 PROVIDER = "Qwen3-TTS"
@@ -59,6 +66,7 @@ def make_upstream(config: Config) -> Upstream:
         # The TTS contract: anything but "nothing listens" is a bad gateway.
         timeout_status=502,
         uses_local_gpu=any(runs_on_this_machine(url) for url in urls),
+        devices=parse_device_names(config.env.get("AISTACK_QWEN3_TTS_DEVICES")),
     )
 
 

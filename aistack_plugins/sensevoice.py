@@ -39,6 +39,7 @@ from aistack_core import (
     CancelToken,
     DoctorCheck,
     Config,
+    Device,
     Malformed,
     ModelCard,
     Network,
@@ -251,13 +252,16 @@ class SenseVoiceBackend:
             return exc.message
         return None
 
-    def load(self) -> LoadedSenseVoice:
+    def load(self, device: Device | None = None) -> LoadedSenseVoice:
         allow = self.config.allow_downloads
         model = resolve_model(self.config.sensevoice_model, MODEL_ID, "AISTACK_SENSEVOICE_MODEL", allow)
         vad = resolve_model(self.config.sensevoice_vad_model, VAD_MODEL_ID, "AISTACK_SENSEVOICE_VAD_MODEL", allow)
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        if device is None:
+            device_name = "cuda:0" if torch.cuda.is_available() else "cpu"
+        else:
+            device_name = device.qualified_name  # FunASR moves both models .to() this device
         common = {
-            "device": device,
+            "device": device_name,
             "disable_update": True,  # no version check against the network
             "disable_pbar": True,
             "disable_log": True,
@@ -266,7 +270,7 @@ class SenseVoiceBackend:
             # AutoModel sets torch's global thread count to this; keep ours.
             "ncpu": torch.get_num_threads(),
         }
-        log.info("loading SenseVoice from %s and fsmn-vad from %s on %s", model, vad, device)
+        log.info("loading SenseVoice from %s and fsmn-vad from %s on %s", model, vad, device_name)
         try:
             with _root_logging_untouched():
                 asr_model = funasr.AutoModel(model=model, **common)
@@ -279,7 +283,7 @@ class SenseVoiceBackend:
                 f"Could not load SenseVoice ({model}) with fsmn-vad ({vad}): {type(exc).__name__}: {exc}",
                 provider=PROVIDER,
             ) from exc
-        return LoadedSenseVoice(asr=asr_model, vad=vad_model, device=device)
+        return LoadedSenseVoice(asr=asr_model, vad=vad_model, device=device_name)
 
     def _language(self, options: TranscriptionOptions) -> str:
         """The language query SenseVoice gets: one it knows, or ``auto``."""
@@ -367,6 +371,21 @@ class SenseVoiceBackend:
 @hookimpl
 def register_asr_backends(register, config: Config) -> None:
     register(SenseVoiceBackend(config))
+
+
+@hookimpl
+def list_devices(config: Config) -> list[str]:
+    """The GPUs torch can run SenseVoice on (AISTACK_DEVICES=auto)."""
+    return [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+@hookimpl
+def device_free_memory_mb(device: str) -> float | None:
+    """Free memory of a GPU as its driver reports it (all engines' use counted), None on the CPU."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free_bytes, _total = torch.cuda.mem_get_info(torch.device(device))
+    return free_bytes / (1024 * 1024)
 
 
 @hookimpl

@@ -293,6 +293,7 @@ class LiveState:
     loaded_models: list[Mapping[str, Any]]  # ModelCache.loaded()
     # name -> (help, value) for the sinks' own counters (records written, dropped, ...)
     counters: Mapping[str, tuple[str, float]] = attrs.field(factory=dict)
+    devices: list[Mapping[str, Any]] = attrs.field(factory=list)  # device_report(): slot and models per device
 
 
 class PrometheusUnavailable(RuntimeError):
@@ -377,7 +378,7 @@ class _AistackCollector:
         yield loaded
         yield GaugeMetricFamily("aistack_models_loaded", "Models held in memory.", value=len(state.loaded_models))
         busy = bool(state.slot.get("busy"))
-        yield GaugeMetricFamily("aistack_slot_busy", "1 while an inference holds the GPU slot.", value=int(busy))
+        yield GaugeMetricFamily("aistack_slot_busy", "1 while every device's slot is held (a new inference gets 503).", value=int(busy))
         holder = GaugeMetricFamily(
             "aistack_slot_holder", "The capability and model holding the GPU slot (1 while held).",
             labels=["capability", "model"],
@@ -389,6 +390,21 @@ class _AistackCollector:
             "aistack_slot_held_seconds", "How long the current holder has had the slot.",
             value=float(state.slot.get("held_s", 0.0)) if busy else 0.0,
         )
+        device_busy = GaugeMetricFamily(
+            "aistack_device_busy", "1 while an inference holds this device's slot.", labels=["device"]
+        )
+        device_models = GaugeMetricFamily(
+            "aistack_device_models_loaded", "Models resident on this device.", labels=["device"]
+        )
+        device_inferences = CounterMetricFamily(
+            "aistack_device_inferences", "Slots taken on this device since start.", labels=["device"]
+        )
+        for device in state.devices:
+            name = str(device.get("device", ""))
+            device_busy.add_metric([name], int(bool(device.get("busy"))))
+            device_models.add_metric([name], len(device.get("models", ())))
+            device_inferences.add_metric([name], float(device.get("inferences", 0)))
+        yield from (device_busy, device_models, device_inferences)
         yield CounterMetricFamily(
             "aistack_slot_busy_rejections", "Requests answered 503 + Retry-After because the slot was taken.",
             value=state.busy_rejections,

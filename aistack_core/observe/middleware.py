@@ -21,6 +21,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..context import model_cache_key, slot_key
+from ..device_report import device_report
 from . import capture as payload_capture
 from .access_log import AccessLog
 from .capture import PayloadStore, RequestCapture
@@ -137,6 +138,7 @@ class Observability:
             slot=slot.status(),
             busy_rejections=slot.busy_rejections,
             loaded_models=app[model_cache_key].loaded(),
+            devices=device_report(app),
             counters=counters,
         )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -30,9 +31,11 @@ import attrs
 from aiohttp import hdrs, web
 
 from .. import __version__
-from ..backends import backend_unavailable
+from ..backends import backend_unavailable, load_on
 from ..context import config_key, model_cache_key, plugins_key, registry_key, slot_key
+from ..device_report import device_report
 from ..errors import AistackError, Busy, Malformed, Network
+from ..inference import candidate_devices
 from ..model_cache import ModelInUse, ModelKey
 from ..observe.record import iso_utc, request_info
 from ..registry import Registered
@@ -134,8 +137,14 @@ def _require_in_process(app: web.Application, model: str) -> InProcessModel:
 async def load_model(app: web.Application, model: InProcessModel, request_id: str) -> tuple[dict, bool]:
     """Load (and pin) ``model`` while holding the slot, so a load never competes with an inference."""
     card = model.entry.card
-    async with app[slot_key].acquire_or_busy(f"{model.capability} load", card.id, request_id):
-        _, loaded_now = await app[model_cache_key].load(model.cache_key, model.capability, model.entry.backend.load)
+    slots, cache = app[slot_key], app[model_cache_key]
+    candidates = candidate_devices(slots, model.entry.backend)
+    prefer = cache.placement(model.cache_key, candidates)
+    async with slots.acquire_or_busy(
+        f"{model.capability} load", card.id, request_id, devices=candidates, prefer=prefer
+    ) as lease:
+        loader = functools.partial(load_on, model.entry.backend, lease.device)
+        _, loaded_now = await cache.load(model.cache_key, model.capability, loader, device=lease.device.name)
     return _describe(app, model), loaded_now
 
 
@@ -169,6 +178,7 @@ def _describe(app: web.Application, model: InProcessModel, unavailable: str | No
     }
     if cached is not None:
         view.update(_resident_view(cached))
+        view["devices"] = app[model_cache_key].resident_devices(model.cache_key)
     return view
 
 
@@ -200,6 +210,7 @@ async def get_status(request: web.Request) -> web.Response:
         "started_at": iso_utc(state.started_wall),
         "uptime_s": round(time.monotonic() - state.started_monotonic, 1),
         "slot": {**slot.status(), "busy_rejections": slot.busy_rejections},
+        "device_slots": device_report(app),
         "readiness": app[readiness_key].to_json(),
         "plugins": counts,
         "resident_models": len(app[model_cache_key].loaded()),

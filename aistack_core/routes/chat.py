@@ -93,14 +93,15 @@ async def _proxy_json(request: web.Request, fields, check: Callable) -> web.Stre
     upstream = entry.backend
     body = _outgoing_body(form.raw, form.raw_values, upstream.rewrite_json)
 
-    async def free_gpu_memory() -> None:
-        # Once the slot is ours, and only for an upstream that answers its probe.
+    async def free_gpu_memory(device) -> None:
+        # Once the slot is ours, and only for an upstream that answers its probe:
+        # the speech models on the device whose slot the chat holds make way.
         reachable = await request.app[probes_key].reachable(request.app, upstream.name)
         info.model = _listed_model(request, upstream.name, model)  # a label only if the upstream lists it
-        if reachable and upstream.uses_local_gpu:  # an engine elsewhere needs no room here
+        if reachable and device is not None:  # no slot here (an engine elsewhere): nothing to free
             cache = request.app[model_cache_key]
             for category in upstream.evict_before:
-                cache.evict(category)
+                cache.evict(category, device=device.name)
 
     return await proxy.relay(request, "llm", entry, body=body, model_id=None, on_slot=free_gpu_memory)
 

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..context import config_key, plugins_key, slot_key
+from ..device_report import device_report
 from ..load import device_load, in_flight_key
 
 
@@ -15,8 +16,9 @@ async def get_health(request: web.Request) -> web.Response:
     ``routing`` has the shape other OpenAI-style speech servers report
     (``accepts_requests``, ``load_score``): ``accepts_requests`` is false
     while a GPU request would get 503 + Retry-After right now.  ``devices``
-    and ``in_flight`` give the detail.  It stays a liveness answer: busy is
-    not unhealthy, so ``status`` is "ok" whenever the process answers.
+    and ``in_flight`` give the detail, ``device_slots`` each device's slot
+    and resident models.  It stays a liveness answer: busy is not
+    unhealthy, so ``status`` is "ok" whenever the process answers.
     """
     app = request.app
     devices = device_load(app[slot_key].status())
@@ -28,6 +30,7 @@ async def get_health(request: web.Request) -> web.Response:
         "routing": {"accepts_requests": free > 0 or queues, "load_score": devices.load_score},
         "devices": {"total": devices.total, "busy": devices.busy},
         "in_flight": app[in_flight_key].snapshot(),
+        "device_slots": device_report(app),
     })
 
 

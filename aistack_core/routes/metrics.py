@@ -37,6 +37,7 @@ async def get_admin_metrics(request: web.Request) -> web.Response:
         "metrics": observability.metrics.snapshot(recent=recent) if observability.metrics is not None else None,
         "slot": {**state.slot, "busy_rejections": state.busy_rejections},
         "loaded_models": state.loaded_models,
+        "device_slots": state.devices,
         "access_log": observability.access_log.status() if observability.access_log is not None else None,
         "payload_capture": observability.payloads.status() if observability.payloads is not None else None,
         "realtime": observability.realtime.snapshot(recent=recent),

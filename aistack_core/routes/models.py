@@ -12,14 +12,14 @@ import logging
 
 from aiohttp import web
 
-from ..context import registry_key
+from ..context import model_cache_key, registry_key
 from ..errors import Malformed
 from ..upstreams import probes_key
 
 log = logging.getLogger("aistack.models")
 
 
-def _in_process_entries(app: web.Application) -> list[dict]:
+def _in_process_entries(app: web.Application, resident: dict) -> list[dict]:
     registry = app[registry_key]
     asr = registry.serving("asr")
     entries: list[dict] = []
@@ -30,14 +30,21 @@ def _in_process_entries(app: web.Application) -> list[dict]:
     diarize_alias = registry.diarize_alias_card(asr, diarizers)
     if diarize_alias is not None:
         entries.append(diarize_alias)
-    for pool in (asr, registry.serving("tts"), diarizers):
-        entries.extend(entry.card.to_openai() for entry in sorted(pool, key=lambda e: e.card.id))
+    for capability, pool in (("asr", asr), ("tts", registry.serving("tts")), ("diarization", diarizers)):
+        for entry in sorted(pool, key=lambda e: e.card.id):
+            # Which devices hold it now: a request for it goes there first.
+            entries.append({**entry.card.to_openai(),
+                            "resident_devices": resident.get((capability, entry.card.id), [])})
     return entries
 
 
 async def list_entries(app: web.Application) -> list[dict]:
+    # Read on the loop, where the cache changes; the listing itself runs in a thread.
+    resident: dict = {}
+    for cached in app[model_cache_key].loaded_entries():
+        resident.setdefault(cached.key, []).append(cached.device)
     local, remote = await asyncio.gather(
-        asyncio.to_thread(_in_process_entries, app), app[probes_key].cards(app)
+        asyncio.to_thread(_in_process_entries, app, resident), app[probes_key].cards(app)
     )
     return local + [card.to_openai() for card in remote]
 

@@ -13,6 +13,15 @@ server/routes.go):
   chunk when ``stream_options.include_usage``, then ``data: [DONE]``.
 * ``POST /v1/embeddings``: ``{"object": "list", "data": [{"object":
   "embedding", "embedding": [...], "index"}], "model", "usage"}``.
+* ``GET /api/ps``: the models in memory, ``{"models": [{name, model, size,
+  digest, details, expires_at, size_vram, context_length}]}``; a chat or
+  embeddings request puts its model there (for its ``keep_alive``, none
+  when ``0``), as Ollama's scheduler does.
+* ``POST /api/generate`` without a prompt: with ``keep_alive`` 0 the model
+  is unloaded (``{"model", "created_at", "response": "", "done": true,
+  "done_reason": "unload"}``), otherwise loaded (``done_reason: "load"``).
+  The native API's errors are ``{"error": "..."}``: 400 without a model,
+  404 ``model "x" not found, try pulling it first``.
 * Errors as Ollama's OpenAI layer writes them: ``{"error": {"message",
   "type", "param": null, "code": null}}`` with ``invalid_request_error``
   for 400, ``not_found_error`` for 404 (``model "x" not found, try pulling
@@ -71,6 +80,18 @@ def ollama_error(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="application/json")
 
 
+def unloads(keep_alive: Any) -> bool:
+    """Whether a ``keep_alive`` value means "unload now": a zero number of seconds or a zero duration."""
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        return keep_alive == 0
+    return isinstance(keep_alive, str) and keep_alive.strip() in ("0", "0s", "0m", "0h")
+
+
+def native_error(status: int, message: str) -> web.Response:
+    """An error of Ollama's own API (not its OpenAI layer): ``{"error": "..."}``."""
+    return web.Response(status=status, text=json.dumps({"error": message}) + "\n", content_type="application/json")
+
+
 def embedding_of(text: str, dimensions: int = 16) -> list[float]:
     digest = hashlib.sha256(text.encode()).digest() * 4
     return [round(v / 2**31, 6) for v in struct.unpack(f">{dimensions}i", digest[: 4 * dimensions])]
@@ -84,11 +105,16 @@ class OllamaEmulator(RecordingEmulator):
         self.token_interval_s = 0.005  # pause between streamed tokens
         self.reply_tokens = 12
         self._ids = 0
+        # What /api/ps lists, by name; the share of each model held in GPU memory.
+        self.in_memory: dict[str, dict] = {}
+        self.vram_share = 1.0
 
     def make_app(self) -> web.Application:
         app = self.install(web.Application(middlewares=[self.record]))
         app.router.add_get("/", self.root)
         app.router.add_get("/api/tags", self.tags)
+        app.router.add_get("/api/ps", self.ps)
+        app.router.add_post("/api/generate", self.generate)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
         return app
@@ -104,6 +130,46 @@ class OllamaEmulator(RecordingEmulator):
         if self.tags_delay_s:
             await self.pause(request, self.tags_delay_s)
         return web.json_response({"models": self.models})
+
+    def _tag(self, name: str) -> dict | None:
+        return next((m for m in self.models if m["name"] in (name, f"{name}:latest")), None)
+
+    def load_model(self, name: str, keep_alive: Any = "5m") -> None:
+        """Put ``name`` in memory as Ollama does when a request uses it (``keep_alive`` 0: not kept)."""
+        tag_entry = self._tag(name)
+        if tag_entry is None or unloads(keep_alive):
+            self.in_memory.pop(tag_entry["name"] if tag_entry else name, None)
+            return
+        self.in_memory[tag_entry["name"]] = {
+            "name": tag_entry["name"], "model": tag_entry["model"], "size": tag_entry["size"],
+            "digest": tag_entry["digest"], "details": tag_entry["details"],
+            "expires_at": "2030-01-01T00:05:00.000000000Z",
+            "size_vram": int(tag_entry["size"] * self.vram_share), "context_length": 4096,
+        }
+
+    async def ps(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": list(self.in_memory.values())})
+
+    async def generate(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(request[RECEIVED_KEY].body)
+        except ValueError as exc:
+            return native_error(400, str(exc))
+        if not isinstance(body, dict) or not body.get("model"):
+            return native_error(400, "model is required")
+        name = str(body["model"])
+        tag_entry = self._tag(name)
+        if tag_entry is None:
+            return native_error(404, f'model "{name}" not found, try pulling it first')
+        if body.get("prompt"):
+            return native_error(501, "the emulator answers only load and unload requests on /api/generate")
+        keep_alive = body.get("keep_alive", "5m")
+        self.load_model(name, keep_alive)
+        unloading = unloads(keep_alive)
+        return web.json_response({
+            "model": name, "created_at": "2025-05-01T10:12:31.084629917Z", "response": "", "done": True,
+            "done_reason": "unload" if unloading else "load",
+        })
 
     def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
@@ -125,6 +191,7 @@ class OllamaEmulator(RecordingEmulator):
         if not self._known(model):
             return ollama_error(404, f'model "{model}" not found, try pulling it first')
 
+        self.load_model(model, body.get("keep_alive", "5m"))
         self._ids += 1
         completion_id = f"chatcmpl-{self._ids % 999}"
         created = int(time.time())
@@ -189,6 +256,7 @@ class OllamaEmulator(RecordingEmulator):
         model = body.get("model") or ""
         if not self._known(model):
             return ollama_error(404, f'model "{model}" not found, try pulling it first')
+        self.load_model(model, body.get("keep_alive", "5m"))
         texts = [inputs] if isinstance(inputs, str) else [str(item) for item in inputs]
         as_base64 = bool(encoding) and encoding.lower() == "base64"
 
