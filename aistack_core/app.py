@@ -91,8 +91,8 @@ async def _release_upstream_memory(app: web.Application, device: str) -> None:
         session = app[upstream_sessions_key][upstream.name]
         try:
             released = await asyncio.wait_for(upstream.release_memory(session, device), RELEASE_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - an engine that cannot answer keeps its memory; the load goes on
-            log.warning("%s could not release memory on %s", upstream.name, device, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - an engine that cannot answer keeps its memory; the load goes on
+            log.warning("%s could not release memory on %s: %s: %s", upstream.name, device, type(exc).__name__, exc)
             continue
         if released:
             log.info("%s released %s to make room on %s", upstream.name, ", ".join(released), device)
