@@ -172,6 +172,7 @@ async def inference(
                 )
                 info.slot_wait_s = lease.waited_s
                 run.device = lease.device
+                info.device = lease.device.name
             elif load:
                 run.device = slots.device((prefer or candidates or slots.device_names)[0])
             if on_slot is not None:

@@ -511,3 +511,5 @@ async def test_metrics_report_slot_and_models_per_device(make_client, clip):
     assert 'aistack_device_inferences_total{device="cpu:0"} 1.0' in text
     body = await (await client.get("/admin/api/metrics")).json()
     assert [d["device"] for d in body["device_slots"]] == ["cpu:0", "cpu:1"]
+    (recent,) = [r for r in body["metrics"]["recent"] if r["path"] == "/v1/audio/transcriptions"]
+    assert recent["device"] == "cpu:0"  # the access-log line says where it ran

@@ -53,6 +53,7 @@ class Measured:
     partials: int | None = None
     final_latency_p50_s: float | None = None
     final_latency_max_s: float | None = None
+    device: str | None = None  # the device whose slot served it (AISTACK_DEVICES name)
 
 
 MEASURED_FIELDS = tuple(field.name for field in attrs.fields(Measured))
