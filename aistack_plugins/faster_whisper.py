@@ -629,7 +629,8 @@ class FasterWhisperBackend:
             on_gpu = device.kind == "cuda"
             choice = DeviceChoice("cuda", "float16", BATCH_SIZE_CUDA) if on_gpu \
                 else DeviceChoice("cpu", "int8", BATCH_SIZE_CPU)
-            index, threads = device.index, device.cpu_threads
+            # CTranslate2 knows one CPU device (index 0); a CPU share differs only in its threads.
+            index, threads = (device.index if on_gpu else 0), device.cpu_threads
         where = {"device": choice.device, "device_index": index, "cpu_threads": threads}
         try:
             try:

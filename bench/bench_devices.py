@@ -56,7 +56,7 @@ async def measure(devices: str, clients: int, requests: int, clip: Path, referen
             async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
                 await server.wait_ready(session)
                 health = await (await session.get(server.base + "/health")).json()
-                slots = health["device_count"]
+                slots = health["devices"]["total"]
                 # Untimed: load the model on every device (concurrent requests spread over them).
                 await asyncio.gather(*(transcribe(session, server.base, clip) for _ in range(slots)))
                 latencies: list[float] = []
@@ -72,14 +72,18 @@ async def measure(devices: str, clients: int, requests: int, clip: Path, referen
                 await asyncio.gather(*(client() for _ in range(clients)))
                 wall = time.perf_counter() - started
                 health = await (await session.get(server.base + "/health")).json()
-        finally:
+        except Exception:
+            server.stop()
+            print(f"--- server log ({devices}) ---\n{server.log_path.read_text()[-6000:]}", file=sys.stderr)
+            raise
+        else:
             server.stop()
     done = clients * requests
     return {
         "devices": devices,
         "slots": slots,
-        "cpu_threads": [d["cpu_threads"] for d in health["devices"]],
-        "inferences_per_device": [d["inferences"] for d in health["devices"]],
+        "cpu_threads": [d["cpu_threads"] for d in health["device_slots"]],
+        "inferences_per_device": [d["inferences"] for d in health["device_slots"]],
         "requests": done,
         "wall_s": round(wall, 2),
         "requests_per_s": round(done / wall, 4),

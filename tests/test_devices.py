@@ -18,6 +18,7 @@ import aiohttp
 import attrs
 import pytest
 
+import aistack_plugins.faster_whisper
 import aistack_plugins.ollama
 import aistack_plugins.qwen3_tts
 from aistack_core import Device, hookimpl
@@ -27,7 +28,7 @@ from aistack_core.context import model_cache_key, slot_key, upstream_devices_key
 from aistack_core.devices import parse_device_names, parse_devices, upstream_devices
 from aistack_core.model_cache import ModelCache
 
-from .helpers import BackendPlugin, SlowAsr, tone_wav
+from .helpers import BackendPlugin, SlowAsr, tone_wav, word_error_rate
 from .upstreams import run_gateway
 from .upstreams.ollama import OllamaEmulator
 
@@ -170,6 +171,29 @@ async def test_a_backend_that_cannot_choose_its_device_stays_on_the_first(make_c
     assert "the one device that can serve this request is busy" in message and "1 of 2 devices" in message
     assert (await running).status == 200
     assert client.app[model_cache_key].resident_devices(("asr", "old-asr")) == ["cpu:0"]
+
+
+async def test_faster_whisper_runs_on_both_cpu_devices_at_once(make_client, sentences_wav):
+    """The real plugin on ``cpu*2``: two copies of tiny.en, one per CPU share, transcribing side by side."""
+    client = await make_client(plugins={"faster_whisper": aistack_plugins.faster_whisper}, devices="cpu*2")
+
+    async def one(text, path):
+        with open(path, "rb") as audio:
+            form = aiohttp.FormData()
+            form.add_field("file", audio, filename=path.name, content_type="audio/wav")
+            form.add_field("model", "whisper-tiny.en")
+            response = await client.post("/v1/audio/transcriptions", data=form)
+            assert response.status == 200, await response.text()
+            return text, (await response.json())["text"]
+
+    (first, second) = sentences_wav[:2]
+    answers = await asyncio.gather(one(*first), one(*second))
+    assert all(word_error_rate(text, heard) < 0.3 for text, heard in answers), answers
+    cache = client.app[model_cache_key]
+    assert sorted(cache.resident_devices(("asr", "whisper-tiny.en"))) == ["cpu:0", "cpu:1"]
+    for device in ("cpu:0", "cpu:1"):
+        loaded = cache.entry(("asr", "whisper-tiny.en"), device).model
+        assert loaded.device.device == "cpu"  # CTranslate2 has one CPU device: index 0, its own threads
 
 
 # --- models per device ----------------------------------------------------------------
