@@ -9,9 +9,12 @@ queues requests (``AISTACK_SLOT_WAIT_S``) rather than answering 503, so the
 clients measure service, not retry timing.
 
 Both settings run in one invocation, alternated round by round, and the
-script prints requests per second for each, their ratio (expect close to
-2x on two idle cores, less when the cores are shared), per-request latency
-and the load average before and after.
+script prints requests per second for each, their ratio, per-request
+latency, the server's CPU seconds per request (the cost, whatever share of the cores
+it got) and the load average before and after.  Note that ``cpu*N`` splits
+the cores rather than adding any: on two cores the gain is only what one
+instance on two threads leaves unused (its serial parts), so expect well
+under 2x, and less while other work shares the cores.
 
     PYTHONPATH=$PWD python bench/bench_devices.py [--clients 4] [--requests 2] [--rounds 1]
 """
@@ -68,9 +71,11 @@ async def measure(devices: str, clients: int, requests: int, clip: Path, referen
                         texts.append(await transcribe(session, server.base, clip))
                         latencies.append(time.perf_counter() - started)
 
-                started = time.perf_counter()
+                cpu_before, started = server.cpu_seconds(), time.perf_counter()
                 await asyncio.gather(*(client() for _ in range(clients)))
                 wall = time.perf_counter() - started
+                # The server's own CPU time: what a request costs, whatever share of the cores it got.
+                cpu_used = server.cpu_seconds() - cpu_before
                 health = await (await session.get(server.base + "/health")).json()
         except Exception:
             server.stop()
@@ -88,6 +93,8 @@ async def measure(devices: str, clients: int, requests: int, clip: Path, referen
         "wall_s": round(wall, 2),
         "requests_per_s": round(done / wall, 4),
         "audio_s_per_s": round(done * CLIP_S / wall, 2),
+        "server_cpu_s_per_request": round(cpu_used / done, 2),
+        "server_cores_busy": round(cpu_used / wall, 2),
         "latency_median_s": round(statistics.median(latencies), 2),
         "latency_p95_s": round(percentile(latencies, 0.95), 2),
         "worst_wer": round(max(word_error_rate(reference, text) for text in texts), 3),
