@@ -189,7 +189,7 @@ def configured_devices(config: Any, manager: Any) -> list[Device]:
     Each plugin is asked alone, so one whose library fails is logged and
     the others still count.
     """
-    if config.devices is not None:
+    if config.devices:  # None (auto) or, programmatically, an empty list: ask the plugins
         return list(config.devices)
     answers = []
     for implementation in manager.hook.list_devices.get_hookimpls():

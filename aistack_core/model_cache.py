@@ -315,19 +315,6 @@ class ModelCache:
         oldest = min(idle, key=lambda pm: (pm[0][0] != device, pm[1].last_used))
         return self._drop([oldest[0]], f"free memory {free:.0f} MB < {self._threshold(device):.0f} MB")
 
-    def evict_for_memory(self, device: str | None = None) -> list[ModelKey]:
-        """Drop idle models, least recently used first, while ``device``'s free memory is short."""
-        device = self._device(device)
-        dropped: list[ModelKey] = []
-        free = self.free_mb(device)
-        while free is not None and free < self._threshold(device):
-            step = self._drop_oldest_idle(device, free)
-            if not step:
-                break
-            dropped += step
-            free = self.free_mb(device)
-        return dropped
-
     async def make_room(self, device: str | None = None) -> None:
         """Before a load on ``device``: drop our idle models there while memory is short, then ask the
         other engines on that device (``release_elsewhere``) if it still is."""
