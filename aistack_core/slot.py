@@ -98,6 +98,10 @@ class GpuSlot:
         """True when no device's slot is held."""
         return self.busy_count == 0
 
+    def can_take(self, devices: Iterable[str] | None = None) -> bool:
+        """Whether a request for ``devices`` (all when None) would get a slot now."""
+        return any(slot.is_free for slot in self._candidates(devices))
+
     @property
     def holder(self) -> SlotHolder | None:
         """The longest-running holder (None when every slot is free)."""

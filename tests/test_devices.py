@@ -151,6 +151,20 @@ async def test_one_free_device_is_enough(make_client, clip):
     assert (await held).status == 200
 
 
+async def test_the_pool_says_whether_a_device_that_can_serve_is_free():
+    from aistack_core.slot import GpuSlot
+
+    pool = GpuSlot(devices=parse_devices("cpu*2"))
+    async with pool.acquire_or_busy("asr", "m", "r1", prefer=["cpu:1"]) as lease:
+        assert lease.device.name == "cpu:1"  # the preferred device, though cpu:0 comes first
+        assert pool.can_take() and pool.can_take(["cpu:0"]) and not pool.can_take(["cpu:1"])
+        assert not pool.is_free and pool.holder.request_id == "r1"
+        async with pool.acquire_or_busy("asr", "m", "r2"):
+            assert not pool.can_take() and pool.status()["busy"] is True
+            assert pool.status()["request_id"] == "r1"  # the longest-running holder
+    assert pool.is_free and pool.can_take(["cpu:1"])
+
+
 async def test_each_core_share_reaches_the_backend(make_client, clip):
     backend = PlacedAsr()
     client = await make_client(plugins={"tests": BackendPlugin(backend)}, devices=parse_devices("cpu*2", cores=6))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import string
 import tempfile
@@ -33,7 +34,7 @@ from typing import Any, Iterable, Sequence
 import attrs
 import numpy as np
 
-from ..backends import CancelToken, DiarizationOptions, Segment, SpeakerTurn, Word
+from ..backends import CancelToken, DiarizationOptions, Segment, SpeakerTurn, Word, load_on
 from ..context import model_cache_key
 from ..errors import Malformed, Network
 from ..forms import Field, Form
@@ -289,7 +290,10 @@ async def turns_in_slot(run: Any, diarizer: Any, audio: Any, options: Diarizatio
     pinned while it works.
     """
     cache = run.request.app[model_cache_key]
-    async with cache.use(("diarization", diarizer.card.id), "diarization", diarizer.backend.load) as model:
+    # On the device whose slot the transcription holds, beside its ASR model.
+    loader = functools.partial(load_on, diarizer.backend, run.device)
+    device = None if run.device is None else run.device.name
+    async with cache.use(("diarization", diarizer.card.id), "diarization", loader, device=device) as model:
         return await run.in_thread(find_turns, diarizer.backend, model, audio, options, known, run.cancel)
 
 

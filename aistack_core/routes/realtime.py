@@ -41,7 +41,7 @@ from .. import security
 from ..backends import Segment, TranscriptionOptions
 from ..context import config_key, registry_key, slot_key
 from ..errors import AistackError, Busy, Malformed, Network, Overflow, Unknown
-from ..inference import Inference, client_gone, inference
+from ..inference import Inference, candidate_devices, client_gone, inference
 from ..media.live_audio import PCM_RATES, TARGET_RATE, InputFormat, LiveDecoder, SampledAudio
 from ..media.live_transcript import LiveTranscript
 from ..media.transcript import duration_usage, join_text
@@ -654,7 +654,7 @@ class RealtimeSession:
 
     def _maybe_partial(self) -> None:
         """Start a partial decode of the utterance so far, if nothing else is decoding."""
-        if (self.partial_task is not None and not self.partial_task.done()) or self.queue or not self.slot.is_free:
+        if (self.partial_task is not None and not self.partial_task.done()) or self.queue or not self._slot_free():
             return
         utterance = self.current
         assert utterance is not None
@@ -763,8 +763,12 @@ class RealtimeSession:
         if audio_s > 0:
             self.seconds_per_second = 0.7 * self.seconds_per_second + 0.3 * (elapsed / audio_s)
 
+    def _slot_free(self) -> bool:
+        # A device that can run this session's model is free (one of several may be).
+        return self.slot.can_take(candidate_devices(self.slot, self.entry.backend))
+
     async def _slot_freed(self) -> None:
-        while not self.slot.is_free:
+        while not self._slot_free():
             await asyncio.sleep(SLOT_POLL_S)
 
 
