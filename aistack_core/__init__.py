@@ -24,6 +24,7 @@ from .backends import (  # noqa: E402
     Upstream,
     VadProvider,
     VoiceActivityStream,
+    VadSettings,
     Word,
     runs_on_this_machine,
     upstream_urls,
@@ -45,8 +46,8 @@ from .hookspecs import hookimpl  # noqa: E402
 __all__ = [
     "__version__", "hookimpl", "Config", "Device", "parse_device_names",
     "AsrBackend", "AudioInput", "CancelToken", "DoctorCheck", "ModelCard", "Segment", "SpeechOptions",
-    "Transcription", "TranscriptionOptions", "TtsBackend", "Upstream", "VadProvider", "VoiceActivityStream",
-    "Word",
+    "Transcription", "TranscriptionOptions", "TtsBackend", "Upstream", "VadProvider", "VadSettings",
+    "VoiceActivityStream", "Word",
     "runs_on_this_machine", "upstream_urls",
     "DiarizationBackend", "DiarizationOptions", "SpeakerTurn",
     "AistackError", "BadGateway", "Cancelled", "GatewayTimeout", "Malformed", "Network", "Overflow", "Unknown",

@@ -118,6 +118,21 @@ class Segment:
 
 
 @attrs.frozen
+class VadSettings:
+    """Voice-activity cutting the client asked for (OpenAI's ``chunking_strategy``).
+
+    ``threshold`` is the speech probability above which audio counts as
+    speech; a pause of ``silence_duration_ms`` ends a chunk, and
+    ``prefix_padding_ms`` of audio is kept around each.  Backends without a
+    VAD ignore it.
+    """
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 200
+
+
+@attrs.frozen
 class TranscriptionOptions:
     language: str | None = None
     translate: bool = False
@@ -125,6 +140,7 @@ class TranscriptionOptions:
     temperature: float | None = None
     word_timestamps: bool = True
     stream: bool = False
+    vad: VadSettings | None = None
 
 
 @attrs.define

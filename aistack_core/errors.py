@@ -36,6 +36,8 @@ class AistackError(Exception):
     status: ClassVar[int] = 500
     openai_type: ClassVar[str] = "server_error"
     default_code: ClassVar[str] = "internal_error"
+    # The code of an error that names a request field but no code of its own.
+    field_code: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -53,7 +55,7 @@ class AistackError(Exception):
         if status is not None:
             self.status = status
         self.headers = dict(headers or {})
-        self.code = code or self.default_code
+        self.code = code or (self.field_code if param and self.field_code else self.default_code)
         self.param = param
 
     def envelope(self) -> dict:
@@ -76,6 +78,7 @@ class Malformed(AistackError):
     status = 400
     openai_type = "invalid_request_error"
     default_code = "invalid_request"
+    field_code = "invalid_value"
 
 
 class Unauthorized(Malformed):
@@ -110,7 +113,9 @@ class Network(AistackError):
     kind = "network"
     status = 503
     openai_type = "server_error"
-    default_code = "upstream_unreachable"
+    # A backend that cannot serve now (weights missing, a download failed);
+    # the proxies say upstream_unreachable when nothing listens.
+    default_code = "backend_unavailable"
 
 
 class Busy(Network):
@@ -140,6 +145,7 @@ class Unknown(AistackError):
     """Anything that fits no other kind (500)."""
 
 
+_HTTP_STATUS_CODES = {404: "not_found", 405: "method_not_allowed"}
 _HTTP_STATUS_MESSAGES = {
     404: "No such endpoint: {method} {path}. See GET /v1/models and the README for the routes aistack serves.",
     405: "Method {method} is not allowed on {path}.",
@@ -153,7 +159,11 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Aistac
         return Overflow(f"Request body too large: {exc.text or exc.reason}")
     if exc.status == 401:
         return Unauthorized(message)
-    error = Malformed(message, status=exc.status) if exc.status < 500 else Unknown(message, status=exc.status)
+    code = _HTTP_STATUS_CODES.get(exc.status)
+    if exc.status < 500:
+        error: AistackError = Malformed(message, status=exc.status, code=code)
+    else:
+        error = Unknown(message, status=exc.status)
     if exc.status == 405 and "Allow" in exc.headers:
         error.headers["Allow"] = exc.headers["Allow"]
     return error

@@ -177,12 +177,14 @@ def checked_target(raw_target: str, upstream: Upstream) -> str:
     if unsafe:
         raise Malformed(
             f"Refusing to forward path {path!r}: dot segments, encoded dots or slashes, backslashes "
-            f"and empty segments are not allowed in proxied paths."
+            f"and empty segments are not allowed in proxied paths.",
+            code="unsafe_path",
         )
     if not any(_route_allows(route, path) for route in upstream.routes):
         raise Malformed(
             f"Path {path!r} is not one the {upstream.provider} upstream serves through aistack "
-            f"(allowed: {', '.join(upstream.routes)})."
+            f"(allowed: {', '.join(upstream.routes)}).",
+            status=404, code="not_found",
         )
     return raw_target
 
@@ -242,14 +244,14 @@ def _trip_error(exc: BaseException, upstream: Upstream, base_url: str) -> Aistac
     cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
     if _refused(exc):
         tried = f"; every replica ({', '.join(upstream.urls)}) refused" if len(upstream.urls) > 1 else ""
-        return Network(f"{upstream.unreachable_hint} ({cause}{tried})")
+        return Network(f"{upstream.unreachable_hint} ({cause}{tried})", code="upstream_unreachable")
     if isinstance(exc, asyncio.TimeoutError):
         message = (
             f"{upstream.provider} did not answer within {upstream.read_timeout:g} s at {base_url} "
             f"({cause})."
         )
         error_class = GatewayTimeout if upstream.timeout_status == 504 else BadGateway
-        return error_class(message, provider=upstream.provider, status=upstream.timeout_status)
+        return error_class(message, provider=upstream.provider, status=upstream.timeout_status, code="upstream_timeout")
     if isinstance(exc, aiohttp.ClientResponseError):
         return BadGateway(
             f"{upstream.provider} at {base_url} answered with something that is not valid HTTP "
@@ -293,6 +295,7 @@ async def forward(
     *,
     body: bytes | None = None,
     path: str | None = None,
+    served_model: str | None = None,
 ) -> web.StreamResponse:
     """Relay ``request`` to ``upstream`` and stream its answer back.
 
@@ -357,6 +360,8 @@ async def forward(
             reason=upstream_response.reason,
             headers=response_headers(upstream_response.headers),
         )
+        if served_model and "X-Aistack-Model" not in response.headers:
+            response.headers["X-Aistack-Model"] = served_model
         read = upstream_response.content.readany
         try:
             await response.prepare(request)
@@ -506,7 +511,7 @@ async def forward_websocket(
             raise BadGateway(
                 f"{upstream.provider} refused the WebSocket upgrade on {target.partition('?')[0]} "
                 f"(status {exc.status}: {exc.message}).",
-                provider=upstream.provider,
+                provider=upstream.provider, code="websocket_refused",
             ) from None
         error = _trip_error(exc, upstream, failed.base_url)
         log.warning("WebSocket %s -> %s failed: %s", _for_log(target), upstream.name, error.message)
@@ -565,11 +570,13 @@ async def relay(
     body: bytes | None = None,
     model_id: str | None = None,
     on_slot: Callable[[Any], Any] | None = None,
+    served_model: str | None = None,
 ) -> web.StreamResponse:
     """Send ``request`` to the upstream ``entry`` serves, holding the slot, and stream back.
 
     :param body: the bytes to send instead of the client's own body.
     :param model_id: the registered model id the request is for (metrics), if known.
+    :param served_model: the model the request names, sent back as ``X-Aistack-Model``.
     """
     upstream: Upstream = entry.backend
     session = request.app[upstream_sessions_key][upstream.name]
@@ -582,4 +589,4 @@ async def relay(
     ):
         if is_websocket:
             return await forward_websocket(request, upstream, session)
-        return await forward(request, upstream, session, body=body)
+        return await forward(request, upstream, session, body=body, served_model=served_model)

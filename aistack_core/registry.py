@@ -10,6 +10,7 @@ import attrs
 from .backends import AsrBackend, DiarizationBackend, ModelCard, TtsBackend, Upstream, VadProvider, backend_unavailable
 from .config import Config
 from .errors import Malformed, Network
+from .languages import language_code
 from .plugins import PluginSet
 
 log = logging.getLogger("aistack.registry")
@@ -19,6 +20,9 @@ AUTO_ALIAS = "auto"
 # backend (as ``auto`` picks it) plus the best installed diarizer.
 DIARIZE_ALIAS = "gpt-4o-transcribe-diarize"
 DIARIZE_EXTRA = "diarize"
+# OpenAI's newer speech-to-text ids: here they mean ``auto`` (the best local
+# backend for the language).
+OPENAI_AUTO_ASR_IDS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
 
 # Model ids from the public contract that belong to optional extras.  The core
 # knows them only as data, so a request for one whose plugin is missing gets an
@@ -38,6 +42,9 @@ KNOWN_MODEL_EXTRAS: dict[str, tuple[str, str]] = {
     **{size: ("asr", "whisper") for size in _WHISPER_SIZES},
 }
 OPENAI_TTS_IDS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+# OpenAI's speech-to-text ids that GET /v1/models lists as routing aliases
+# (whisper-1 is claimed by the backend that stands for it).
+OPENAI_ASR_IDS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 
 
 @attrs.frozen
@@ -50,11 +57,20 @@ class Registered:
         return self.backend.card
 
 
-def normalize_language(language: str | None) -> str | None:
-    """``"en-US"`` → ``"en"``; empty → None."""
-    if not language:
-        return None
-    return language.strip().lower().replace("_", "-").split("-")[0] or None
+def normalize_language(language: str | None, *, strict: bool = False) -> str | None:
+    """``"en-US"``, ``"English"`` → ``"en"``; empty or ``auto`` → None.
+
+    ``strict`` refuses an unknown value with a 400 listing the accepted forms
+    (the table is :mod:`aistack_core.languages`); otherwise it passes through
+    as its primary subtag.
+    """
+    return language_code(language, strict=strict)
+
+
+def is_auto(model: str | None) -> bool:
+    """Whether ``model`` asks for the ``auto`` routing (empty, ``auto`` or an OpenAI id meaning it)."""
+    name = (model or "").strip().lower()
+    return name in ("", AUTO_ALIAS, *OPENAI_AUTO_ASR_IDS)
 
 
 @attrs.define
@@ -191,14 +207,17 @@ class Registry:
             if record is not None and record.status != "loaded":
                 reason = f" (plugin {record.name} is {record.status}: {record.error})"
             elif record is not None:
-                return Network(
-                    f"Model {model!r} is not available locally: its plugin {record.name} is loaded but has "
-                    f"no copy of this model. Use one listed by GET /v1/models, or allow downloads with "
-                    f"AISTACK_ALLOW_DOWNLOADS=on."
+                # Permanent until the operator installs something: a 400, so clients do not retry.
+                return Malformed(
+                    f"Model {model!r} is not installed: its plugin {record.name} is loaded but has no copy of "
+                    f"this model. Use one listed by GET /v1/models, or allow downloads with "
+                    f"AISTACK_ALLOW_DOWNLOADS=on (pip install 'aistack[{extra}]' provides the backend).",
+                    param="model", code="model_not_installed",
                 )
-        return Network(
+        return Malformed(
             f"Model {model!r} needs the {extra} backend, which is not installed{reason}. "
-            f"Install it with: pip install 'aistack[{extra}]'"
+            f"Install it with: pip install 'aistack[{extra}]'",
+            param="model", code="model_not_installed",
         )
 
     def _available(self, capability: str) -> str:
@@ -223,7 +242,7 @@ class Registry:
 
     def resolve_asr(self, model: str | None, language: str | None) -> Registered:
         model = (model or "").strip()
-        if model.lower() in ("", AUTO_ALIAS, DIARIZE_ALIAS):
+        if (is_auto(model) or model.lower() == DIARIZE_ALIAS) and self.find("asr", model) is None:
             return self.pick_auto(language)
         found = self.find("asr", model)
         if found is not None:
@@ -232,14 +251,16 @@ class Registry:
         if missing is not None:
             raise missing
         raise Malformed(
-            f"Unknown speech-to-text model {model!r}. Available: {self._available('asr')}."
+            f"Unknown speech-to-text model {model!r}. Available: {self._available('asr')}.",
+            param="model", code="model_not_found",
         )
 
     def pick_auto(self, language: str | None) -> Registered:
         """The ``auto`` alias: the preferred backend for the language, else the best that can do it."""
         if not self.asr:
             raise Network(
-                "No speech-to-text backend is installed. Install one with: pip install 'aistack[whisper]'"
+                "No speech-to-text backend is installed. Install one with: pip install 'aistack[whisper]'",
+                code="no_backend",
             )
         lang = normalize_language(language)
         ranked = sorted(self.asr.values(), key=lambda r: (r.card.auto_priority, r.card.id))

@@ -66,7 +66,8 @@ class CorsPolicy:
             origin = request.headers[hdrs.ORIGIN]
             if not self.allows(origin):
                 raise Malformed(
-                    f"Origin {origin!r} is not allowed; add it to AISTACK_CORS_ALLOW_ORIGINS.", status=403
+                    f"Origin {origin!r} is not allowed; add it to AISTACK_CORS_ALLOW_ORIGINS.", status=403,
+                    code="origin_not_allowed",
                 )
             return web.Response(
                 status=204,

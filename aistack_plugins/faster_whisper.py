@@ -97,7 +97,9 @@ def is_english_only(size: str) -> bool:
 def can_translate(size: str) -> bool:
     # large-v3-turbo was fine-tuned on transcription data only; asked to
     # translate, it mostly transcribes, so we refuse rather than mislead.
-    return not is_english_only(size) and size != "large-v3-turbo"
+    # English-only models assume English speech, whose English translation
+    # is its transcription: they serve translations by transcribing.
+    return size != "large-v3-turbo"
 
 
 def canonical_size(name: str) -> str | None:
@@ -341,6 +343,10 @@ class LoadedWhisper:
         """The pipeline if a long file has needed it yet."""
         return self._batched
 
+    def token_ids(self, text: str) -> list[int]:
+        """Whisper's token ids for ``text`` (without the special tokens)."""
+        return self.model.hf_tokenizer.encode(text, add_special_tokens=False).ids
+
     def batched(self) -> BatchedInferencePipeline:
         with self._lock:
             if self._batched is None:
@@ -399,6 +405,14 @@ def transcribe_settings(
         # A clip of one window: VAD drops its silences (faster-whisper maps
         # timestamps back onto the file), timestamp tokens cut sentences.
         settings.update(vad_filter=True, vad_parameters=VAD_OPTIONS, without_timestamps=False)
+    if options.vad is not None and not batched:
+        # The client's chunking_strategy replaces our VAD settings on the plain
+        # path (long files are cut by speech_chunks' own VAD).
+        settings["vad_parameters"] = {
+            "threshold": options.vad.threshold,
+            "min_silence_duration_ms": options.vad.silence_duration_ms,
+            "speech_pad_ms": options.vad.prefix_padding_ms,
+        }
     return settings
 
 
@@ -499,20 +513,28 @@ SENTENCE_ENDS = (".", "!", "?", "。", "！", "？", "…")
 SENTENCE_PAUSE_S = 1.5
 
 
-def _segment(index: int, segment: Any, words: list[Any] | None = None) -> Segment:
+def _segment(
+    index: int, segment: Any, words: list[Any] | None = None, tokens_of: Callable[[str], list[int]] | None = None
+) -> Segment:
     """Map a faster-whisper segment, or the run ``words`` of it, to ours."""
     if words is None:
         start, end, text, words = segment.start, segment.end, segment.text, segment.words or []
+        tokens = segment.tokens
     else:
         # faster-whisper words carry their leading space, so joining them
         # rebuilds the text exactly, for scripts with and without spaces.
         start, end, text = words[0].start, words[-1].end, "".join(word.word for word in words)
+        # The decoded tokens cover the whole chunk; a sentence cut from it
+        # gets the token ids of its own text from the model's tokenizer.
+        tokens = tokens_of(text) if tokens_of is not None else ()
     return Segment(
         id=index,
         start=float(start),
         end=float(end),
         text=text.strip(),
         words=tuple(_word(word) for word in words),
+        seek=int(segment.seek),
+        tokens=tuple(int(token) for token in tokens or ()),
         avg_logprob=float(segment.avg_logprob),
         no_speech_prob=float(segment.no_speech_prob),
         compression_ratio=float(segment.compression_ratio),
@@ -538,7 +560,8 @@ def sentence_runs(words: list[Any]) -> list[list[Any]]:
 
 
 def aistack_segments(
-    raw: Iterable[Any], cancel: CancelToken, split_sentences: bool = False, provider: str = PROVIDER
+    raw: Iterable[Any], cancel: CancelToken, split_sentences: bool = False, provider: str = PROVIDER,
+    tokens_of: Callable[[str], list[int]] | None = None,
 ) -> Iterator[Segment]:
     """Pull faster-whisper segments one at a time, checking for cancellation before each.
 
@@ -564,7 +587,10 @@ def aistack_segments(
                     ) from exc
                 raise
             if split_sentences and segment.words:
-                pieces = [_segment(index + n, segment, run) for n, run in enumerate(sentence_runs(segment.words))]
+                pieces = [
+                    _segment(index + n, segment, run, tokens_of)
+                    for n, run in enumerate(sentence_runs(segment.words))
+                ]
             else:
                 pieces = [_segment(index, segment)]
             for piece in pieces:
@@ -661,14 +687,14 @@ class FasterWhisperBackend:
                 raise Malformed(
                     f"{self.card.id} understands English only, but language={options.language!r} was requested. "
                     f"Use a multilingual model such as whisper-small, or model=auto.",
-                    provider=PROVIDER,
+                    provider=PROVIDER, param="language", code="unsupported_language",
                 )
             return "en"
         if requested is not None and requested not in _LANGUAGE_CODES:
             raise Malformed(
                 f"Whisper does not know the language {options.language!r}; use an ISO 639-1 code such as "
                 f"'en', 'de' or 'zh', or leave language empty to detect it.",
-                provider=PROVIDER,
+                provider=PROVIDER, param="language", code="unsupported_language",
             )
         return requested
 
@@ -676,16 +702,13 @@ class FasterWhisperBackend:
         if not options.translate:
             return "transcribe"
         if self.english_only:
-            raise Malformed(
-                f"{self.card.id} is an English-only model and cannot translate. "
-                f"Use a multilingual Whisper model (for example whisper-small) for translate=true.",
-                provider=PROVIDER,
-            )
+            # It assumes English speech, and English translated to English is its transcription.
+            return "transcribe"
         if not self.card.can_translate:
             raise Malformed(
                 f"{self.card.id} was not trained to translate. Use whisper-large-v3 or a smaller multilingual "
                 f"Whisper model for translate=true.",
-                provider=PROVIDER,
+                provider=PROVIDER, param="model", code="translation_not_supported",
             )
         return "translate"
 
@@ -724,7 +747,7 @@ class FasterWhisperBackend:
         return Transcription(
             language=language or "en",
             duration=float(audio.duration),
-            segments=aistack_segments(raw, cancel, split_sentences=True),
+            segments=aistack_segments(raw, cancel, split_sentences=True, tokens_of=model.token_ids),
         )
 
     def _transcribe_plain(

@@ -240,7 +240,7 @@ async def test_every_error_kind_status_and_shape(make_client, tmp_path):
         (client.post("/v1/audio/transcriptions", data=form(garbage, model="slow-asr")), 400, "malformed"),
         (client.post("/v1/audio/transcriptions", data=form(wav, model="slow-asr", response_format="xml")), 400, "malformed"),
         (client.post("/v1/audio/transcriptions", data=form(big, model="slow-asr")), 413, "overflow"),
-        (client.post("/v1/audio/transcriptions", data=form(wav, model="parakeet")), 503, "network"),
+        (client.post("/v1/audio/transcriptions", data=form(wav, model="parakeet")), 400, "malformed"),
     ]
     for call, status, kind in cases:
         response = await call
@@ -256,8 +256,9 @@ async def test_not_installed_backend_names_the_extra(make_client, tmp_path):
     client = await make_client(plugins={"slow": BackendPlugin(SlowAsr())})
     wav = tone_wav(tmp_path / "tone.wav")
     response = await client.post("/v1/audio/transcriptions", data=form(wav, model="sensevoice"))
-    error = assert_envelope(await response.json(), "network")
-    assert "pip install 'aistack[sensevoice]'" in error["message"]
+    assert response.status == 400  # permanent until installed: OpenAI clients must not retry it
+    error = assert_envelope(await response.json(), "malformed")
+    assert "pip install 'aistack[sensevoice]'" in error["message"] and error["code"] == "model_not_installed"
 
 
 # --- request ids ------------------------------------------------------------------

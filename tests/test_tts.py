@@ -44,7 +44,10 @@ def decoded_duration(data: bytes, fmt: str, sample_rate: int = 22050) -> float:
 
 async def speak(client, **fields):
     body = {"model": "tts-1", "voice": "alloy", "input": SENTENCES[0], **fields}
-    return await client.post("/v1/audio/speech", json=body)
+    response = await client.post("/v1/audio/speech", json=body)
+    # Speech streams by default: the slot is held until the body has been sent.
+    await response.read()
+    return response
 
 
 @pytest.mark.parametrize("fmt, content_type", list(audio.CONTENT_TYPES.items()))

@@ -69,7 +69,9 @@ _FRAMES_BETWEEN_CANCEL_CHECKS = 64
 
 
 def _not_audio(detail: str) -> Malformed:
-    return Malformed(f"The uploaded file could not be decoded as audio ({detail}). {ACCEPTED_UPLOADS}")
+    return Malformed(
+        f"The uploaded file could not be decoded as audio ({detail}). {ACCEPTED_UPLOADS}", param="file", code="invalid_audio"
+    )
 
 
 def _ffmpeg_detail(exc: Exception) -> str:
@@ -478,7 +480,8 @@ def _check_format(fmt: str) -> None:
     if fmt in _CODEC_FORMATS and _encoder(fmt) is None:
         raise Malformed(
             f"This aistack cannot encode {fmt}: its PyAV build has no {_CODEC_FORMATS[fmt].encoders[0]} encoder. "
-            f"Ask for one of: {', '.join(encodable_formats())}."
+            f"Ask for one of: {', '.join(encodable_formats())}.",
+            param="response_format", code="unsupported_value",
         )
 
 
@@ -668,3 +671,42 @@ def time_stretch(pcm: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:
     if not stretched:
         return np.zeros(0, dtype=np.int16)
     return np.concatenate(stretched).astype(np.int16, copy=False)
+
+
+# --- OpenAI's pcm -------------------------------------------------------------
+
+# OpenAI's ``pcm`` speech format (and its client's player) is 24 kHz 16-bit mono.
+OPENAI_PCM_RATE = 24000
+
+
+class Int16Resampler:
+    """Mono int16 chunks from ``from_rate`` to ``to_rate``, chunk by chunk.
+
+    FFmpeg's resampler keeps its filter state between calls, so chunk
+    boundaries leave no clicks; ``flush()`` returns the samples it still
+    holds back at the end.
+    """
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        self.from_rate, self.to_rate = from_rate, to_rate
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=to_rate) if from_rate != to_rate else None
+        self._pts = 0
+
+    def feed(self, pcm: np.ndarray) -> np.ndarray:
+        pcm = _mono_int16(pcm)
+        if self._resampler is None or pcm.size == 0:
+            return pcm
+        frame = _int16_frame(pcm, self.from_rate, self._pts)
+        self._pts += pcm.size
+        return self._joined(self._resampler.resample(frame))
+
+    def flush(self) -> np.ndarray:
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.int16)
+        return self._joined(self._resampler.resample(None))
+
+    @staticmethod
+    def _joined(frames: list[Any]) -> np.ndarray:
+        if not frames:
+            return np.zeros(0, dtype=np.int16)
+        return np.concatenate([_plane(frame) for frame in frames]).astype(np.int16, copy=False)

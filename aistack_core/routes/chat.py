@@ -103,7 +103,9 @@ async def _proxy_json(request: web.Request, fields, check: Callable) -> web.Stre
             for category in upstream.evict_before:
                 cache.evict(category, device=device.name)
 
-    return await proxy.relay(request, "llm", entry, body=body, model_id=None, on_slot=free_gpu_memory)
+    return await proxy.relay(
+        request, "llm", entry, body=body, model_id=None, on_slot=free_gpu_memory, served_model=model,
+    )
 
 
 async def post_chat_completions(request: web.Request) -> web.StreamResponse:

@@ -14,13 +14,14 @@ from ..observe.metrics import RECENT_REQUESTS, PrometheusUnavailable, prometheus
 async def get_prometheus_metrics(request: web.Request) -> web.Response:
     observability = request.app[observability_key]
     if observability.metrics is None:
-        raise Network("Metrics are turned off on this server (AISTACK_OBS_METRICS=off).")
+        raise Network("Metrics are turned off on this server (AISTACK_OBS_METRICS=off).", code="metrics_disabled")
     try:
         registry = observability.prometheus_registry(request.app)
     except PrometheusUnavailable:
         raise Network(
             "The Prometheus text needs prometheus-client: pip install 'aistack[observe]'. "
-            "The same metrics are served as JSON at /admin/api/metrics."
+            "The same metrics are served as JSON at /admin/api/metrics.",
+            code="no_backend",
         ) from None
     body, content_type = prometheus_text(registry)
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -31,7 +32,7 @@ async def get_admin_metrics(request: web.Request) -> web.Response:
     try:
         recent = int(request.query.get("recent", "20"))
     except ValueError:
-        raise Malformed(f"recent must be a whole number (at most {RECENT_REQUESTS}).") from None
+        raise Malformed(f"recent must be a whole number (at most {RECENT_REQUESTS}).", param="recent") from None
     state = observability.live_state(request.app)
     body: dict[str, Any] = {
         "metrics": observability.metrics.snapshot(recent=recent) if observability.metrics is not None else None,

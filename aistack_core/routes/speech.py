@@ -52,7 +52,8 @@ SPEECH_FIELDS = (
     Field("input", "str", strip=False),
     Field("response_format", "enum", default="mp3", choices=tuple(audio.CONTENT_TYPES)),
     Field("speed", "float", default=1.0, minimum=audio.MIN_SPEED, maximum=audio.MAX_SPEED),
-    Field("stream", "bool", default=False),
+    # As OpenAI does, speech streams by default: audio leaves as it is synthesized.
+    Field("stream", "bool", default=True),
     Field("stream_format", "enum", default="audio", choices=("audio", "sse")),
     Field("cache", "bool", default=True),
     Field("language", "str"),
@@ -115,7 +116,9 @@ def parse_speech(form: Form, entry: Registered, request: web.Request, config: Co
     form.take(SPEECH_FIELDS)
     text = form["input"]
     if not isinstance(text, str) or not text.strip():
-        raise Malformed("'input' is required: the text to speak, as a non-empty string.", param="input")
+        raise Malformed(
+            "'input' is required: the text to speak, as a non-empty string.", param="input", code="missing_input"
+        )
     if len(text) > MAX_INPUT_CHARS:
         raise Overflow(
             f"'input' has {len(text)} characters; the limit is {MAX_INPUT_CHARS}. Split the text.",
@@ -154,17 +157,30 @@ def _as_int16(chunk: Any) -> np.ndarray:
     return array.astype(np.int16, copy=False)
 
 
-def _synthesize(entry: Registered, model: Any, options: SpeechOptions, cancel: CancelToken):
-    """Worker-thread generator: one int16 chunk per piece the engine yields."""
+def output_rate(speech: SpeechRequest) -> int:
+    """The sample rate the client gets: OpenAI's 24 kHz for ``pcm``, else the voice's own."""
+    return audio.OPENAI_PCM_RATE if speech.response_format == "pcm" else speech.entry.backend.sample_rate
+
+
+def _synthesize(entry: Registered, model: Any, options: SpeechOptions, cancel: CancelToken, rate: int | None = None):
+    """Worker-thread generator: one int16 chunk (at ``rate``) per piece the engine yields."""
     backend = entry.backend
     native = backend.native_speed
     engine_options = options if native else attrs.evolve(options, speed=1.0)
+    resampler = audio.Int16Resampler(backend.sample_rate, rate) if rate and rate != backend.sample_rate else None
     for chunk in backend.synthesize(model, engine_options, cancel):
         cancel.raise_if_cancelled()
         pcm = _as_int16(chunk)
         if not native and options.speed != 1.0:
             pcm = audio.time_stretch(pcm, backend.sample_rate, options.speed)
-        yield pcm
+        if resampler is not None:
+            pcm = resampler.feed(pcm)
+        if pcm.size:
+            yield pcm
+    if resampler is not None:
+        tail = resampler.flush()
+        if tail.size:
+            yield tail
 
 
 def _cache_key(cache: TtsCache, speech: SpeechRequest) -> str:
@@ -181,7 +197,8 @@ async def _serve_in_process(request: web.Request, speech: SpeechRequest) -> web.
     info = request_info(request)
     info.stream, info.response_format = speech.stream, speech.response_format
     cache = app[tts_cache_key]
-    content_type = "text/event-stream" if speech.stream and speech.stream_format == "sse" else audio.CONTENT_TYPES[speech.response_format]
+    as_sse = speech.stream and speech.stream_format == "sse"
+    content_type = audio.CONTENT_TYPES[speech.response_format]
     key = None
     if not cache.enabled:
         cache_state = "DISABLED"
@@ -192,10 +209,10 @@ async def _serve_in_process(request: web.Request, speech: SpeechRequest) -> web.
         hit = await asyncio.to_thread(cache.get, key)
         if hit is not None:
             info.capability, info.model, info.provider, info.cache = "tts", speech.entry.card.id, speech.entry.card.provider, "HIT"
-            return web.Response(
-                body=hit.data, content_type=hit.content_type,
-                headers={"X-Cache": "HIT", "X-Aistack-Model": speech.entry.card.id},
-            )
+            headers = {"X-Cache": "HIT", "X-Aistack-Model": speech.entry.card.id}
+            if as_sse:
+                return await _replay_sse(request, hit.data, headers)
+            return web.Response(body=hit.data, content_type=content_type, headers=headers)
         cache_state = "MISS"
     info.cache = cache_state
     headers = {"X-Cache": cache_state, "X-Aistack-Model": speech.entry.card.id}
@@ -206,22 +223,41 @@ async def _serve_in_process(request: web.Request, speech: SpeechRequest) -> web.
         else:
             body, samples = await run.in_thread(_synthesize_whole, speech, run.model, run.cancel)
             response = web.Response(body=body, content_type=content_type, headers=headers)
-        run.audio_seconds = samples / speech.entry.backend.sample_rate
+        run.audio_seconds = samples / output_rate(speech)
     if key is not None and body is not None:
         await asyncio.to_thread(cache.put, key, body, content_type)
     return response
 
 
+def _nothing_to_say(speech: SpeechRequest) -> Malformed:
+    return Malformed(
+        "Nothing in 'input' can be spoken (it produced no audio): send words, not only punctuation or symbols.",
+        provider=speech.entry.card.provider, param="input", code="nothing_to_speak",
+    )
+
+
 def _synthesize_whole(speech: SpeechRequest, model: Any, cancel: CancelToken) -> tuple[bytes, int]:
-    backend = speech.entry.backend
-    chunks = list(_synthesize(speech.entry, model, speech.options, cancel))
+    rate = output_rate(speech)
+    chunks = list(_synthesize(speech.entry, model, speech.options, cancel, rate))
     pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
     if pcm.size == 0:
-        raise Malformed(
-            "Nothing in 'input' can be spoken (it produced no audio): send words, not only punctuation or symbols.",
-            provider=speech.entry.card.provider, param="input",
-        )
-    return audio.encode(pcm, backend.sample_rate, speech.response_format), int(pcm.size)
+        raise _nothing_to_say(speech)
+    return audio.encode(pcm, rate, speech.response_format), int(pcm.size)
+
+
+SSE_REPLAY_CHUNK = 32 * 1024
+
+
+async def _replay_sse(request: web.Request, data: bytes, headers: dict) -> web.StreamResponse:
+    """A cached SSE answer, sent in the same event shape as when it was synthesized."""
+    response = EventSourceResponse(sep="\n", headers=headers, allow_all_methods=True)
+    await response.prepare(request)
+    for start in range(0, len(data), SSE_REPLAY_CHUNK):
+        piece = data[start:start + SSE_REPLAY_CHUNK]
+        await response.send(json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()}))
+    await response.send(json.dumps({"type": "speech.audio.done", "usage": None}))
+    await response.write_eof()
+    return response
 
 
 async def _stream(run: Inference, speech: SpeechRequest, content_type: str, headers: dict):
@@ -231,43 +267,51 @@ async def _stream(run: Inference, speech: SpeechRequest, content_type: str, head
     aborts the connection, so a broken stream never looks complete (an SSE
     stream first says why, in a ``speech.audio.error`` event).
     """
-    backend = speech.entry.backend
-    encoder = audio.StreamEncoder(speech.response_format, backend.sample_rate)
-    sent: list[bytes] = []
-    samples = 0
+    rate = output_rate(speech)
     as_sse = speech.stream_format == "sse"
-    if as_sse:
-        response: web.StreamResponse = EventSourceResponse(sep="\n", headers=headers, allow_all_methods=True)
-    else:
-        response = web.StreamResponse(headers={**headers, "Content-Type": content_type})
-    await response.prepare(run.request)
-
-    async def send(data: bytes) -> None:
-        if not data:
-            return
-        sent.append(data)
-        if as_sse:
-            await response.send(json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}))
-        else:
-            await response.write(data)
-
+    pieces = run.iterate(lambda: _synthesize(speech.entry, run.model, speech.options, run.cancel, rate))
     try:
-        await send(await asyncio.to_thread(encoder.header))
-        async for pcm in run.iterate(lambda: _synthesize(speech.entry, run.model, speech.options, run.cancel)):
-            samples += int(pcm.size)
-            await send(await asyncio.to_thread(encoder.feed, pcm))
-        await send(await asyncio.to_thread(encoder.close))
+        # The first piece is awaited before the headers go out: input that
+        # yields no audio at all is still a plain 400, not a broken stream.
+        try:
+            first = await pieces.__anext__()
+        except StopAsyncIteration:
+            raise _nothing_to_say(speech) from None
         if as_sse:
-            await response.send(json.dumps({"type": "speech.audio.done", "usage": None}))
-    except AistackError as exc:
-        if as_sse and exc.kind != "cancelled":
-            with contextlib.suppress(ConnectionError):
-                await response.send(json.dumps({"type": "speech.audio.error", **exc.envelope()["error"]}))
-        raise
-    if samples == 0:
-        raise Malformed("Nothing in 'input' can be spoken (it produced no audio).", param="input")
-    await response.write_eof()
-    return response, b"".join(sent), samples
+            response: web.StreamResponse = EventSourceResponse(sep="\n", headers=headers, allow_all_methods=True)
+        else:
+            response = web.StreamResponse(headers={**headers, "Content-Type": content_type})
+        await response.prepare(run.request)
+        sent: list[bytes] = []
+
+        async def send(data: bytes) -> None:
+            if not data:
+                return
+            sent.append(data)
+            if as_sse:
+                await response.send(json.dumps({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}))
+            else:
+                await response.write(data)
+
+        encoder = audio.StreamEncoder(speech.response_format, rate)
+        samples = int(first.size)
+        try:
+            await send(await asyncio.to_thread(encoder.feed, first))
+            async for pcm in pieces:
+                samples += int(pcm.size)
+                await send(await asyncio.to_thread(encoder.feed, pcm))
+            await send(await asyncio.to_thread(encoder.close))
+            if as_sse:
+                await response.send(json.dumps({"type": "speech.audio.done", "usage": None}))
+        except AistackError as exc:
+            if as_sse and exc.kind != "cancelled":
+                with contextlib.suppress(ConnectionError):
+                    await response.send(json.dumps({"type": "speech.audio.error", **exc.envelope()["error"]}))
+            raise
+        await response.write_eof()
+        return response, b"".join(sent), samples
+    finally:
+        await pieces.aclose()  # closes the engine's generator when the stream stops early
 
 
 # --- the handler -------------------------------------------------------------------
@@ -297,7 +341,18 @@ async def post_speech(request: web.Request) -> web.StreamResponse:
             f"In-process speech models: {local} (or OpenAI's tts-1).",
             code="model_not_found",
         )
-    return await proxy.relay(request, "tts", upstream, body=form.raw, model_id=None)
+    try:
+        return await proxy.relay(request, "tts", upstream, body=form.raw, model_id=None, served_model=model or None)
+    except Network as exc:
+        if exc.code != "upstream_unreachable":
+            raise
+        # Say what could answer instead while the container is down.
+        local = ", ".join(sorted(registry.tts)) or "none installed"
+        raise Network(
+            f"{exc.message} In-process speech models that answer now: {local} (or OpenAI's tts-1, "
+            f"tts-1-hd, gpt-4o-mini-tts for the default one).",
+            provider=exc.provider, headers=exc.headers, code=exc.code,
+        ) from None
 
 
 async def list_voices(request: web.Request) -> web.Response:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Any
 
 import attrs
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..backends import DiarizationOptions, Segment, SpeakerTurn, Transcription, TranscriptionOptions
+from ..backends import DiarizationOptions, Segment, SpeakerTurn, Transcription, TranscriptionOptions, VadSettings, Word
 from ..context import config_key, registry_key
 from ..errors import AistackError, Malformed, Unknown
 from ..forms import Field, Form, UploadPolicy, defer_continue, read_form
@@ -28,7 +29,7 @@ from ..media.diarize import (
 )
 from ..media.transcript import TextJoiner, duration_usage, join_text, regroup, segment_json, to_srt, to_vtt, word_json
 from ..observe.record import request_info
-from ..registry import AUTO_ALIAS, DIARIZE_ALIAS, normalize_language
+from ..registry import DIARIZE_ALIAS, is_auto, normalize_language
 
 log = logging.getLogger("aistack.routes.transcriptions")
 
@@ -45,15 +46,78 @@ FIELDS = (
     Field("stream", "bool", default=False),
     Field("translate", "bool", default=False),
     Field("segment_granularity", "enum", default="sentence", choices=GRANULARITIES),
-    Field("include", "list"),
+    Field("include", "list", choices=("logprobs",)),
     Field("chunking_strategy", "json"),
 )
+CHUNKING_PARAM = "chunking_strategy"
+
+
+def _wants_logprobs(form: Form) -> bool:
+    return "logprobs" in (form["include"] or ())
+
+
+def _chunking(form: Form) -> VadSettings | None:
+    """OpenAI's ``chunking_strategy``: ``"auto"`` or a ``server_vad`` object.
+
+    The openai client sends the object as bracketed form fields
+    (``chunking_strategy[type]=server_vad``); a JSON text works as well.
+    """
+    value = form[CHUNKING_PARAM]
+    prefix = CHUNKING_PARAM + "["
+    bracketed = {
+        name[len(prefix):-1]: raw for name, raw in form.raw_values.items()
+        if name.startswith(prefix) and name.endswith("]")
+    }
+    if value is None and bracketed:
+        value = bracketed
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return VadSettings()
+    if not isinstance(value, dict) or str(value.get("type", "")).lower() != "server_vad":
+        raise Malformed(
+            f"{CHUNKING_PARAM} must be \"auto\" or an object {{\"type\": \"server_vad\", \"threshold\": 0.5, "
+            f"\"prefix_padding_ms\": 300, \"silence_duration_ms\": 200}}.",
+            param=CHUNKING_PARAM, code="invalid_chunking_strategy",
+        )
+    unknown = sorted(set(value) - {"type", "threshold", "prefix_padding_ms", "silence_duration_ms"})
+    if unknown:
+        raise Malformed(
+            f"{CHUNKING_PARAM} has unknown keys: {', '.join(unknown)}.",
+            param=CHUNKING_PARAM, code="invalid_chunking_strategy",
+        )
+    defaults = VadSettings()
+    return VadSettings(
+        threshold=_vad_number(value, "threshold", defaults.threshold, float, 0.0, 1.0),
+        prefix_padding_ms=_vad_number(value, "prefix_padding_ms", defaults.prefix_padding_ms, int, 0, 60_000),
+        silence_duration_ms=_vad_number(value, "silence_duration_ms", defaults.silence_duration_ms, int, 0, 60_000),
+    )
+
+
+def _vad_number(value: dict, key: str, default, kind, low, high):
+    raw = value.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        number = kind(float(raw)) if kind is float else int(str(raw).strip())
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or not (low <= number <= high) or (kind is float and not math.isfinite(number)):
+        raise Malformed(
+            f"{CHUNKING_PARAM}.{key} must be {'a number' if kind is float else 'a whole number'} "
+            f"between {low:g} and {high:g}, got {raw!r}.",
+            param=CHUNKING_PARAM, code="invalid_chunking_strategy",
+        )
+    return number
 
 
 def _word_timestamps(form: Form) -> bool:
     """Word alignment costs time: ask for it only when the answer uses words."""
     granularities = form["timestamp_granularities"]
-    if form["segment_granularity"] == "subtitle" or form["response_format"] in ("srt", "vtt"):
+    if (form["segment_granularity"] == "subtitle" or form["response_format"] in ("srt", "vtt")
+            or _wants_logprobs(form)):
         return True
     if granularities is not None and form.sent("timestamp_granularities"):
         return "word" in granularities
@@ -76,6 +140,7 @@ def _options(form: Form, translate: bool) -> TranscriptionOptions:
         temperature=form["temperature"],
         word_timestamps=_word_timestamps(form),
         stream=form["stream"],
+        vad=_chunking(form),
     )
 
 
@@ -84,14 +149,44 @@ def _speaks(card, language: str | None) -> bool:
     return lang is None or card.languages is None or lang in card.languages
 
 
+def logprobs_json(words) -> list[dict[str, Any]]:
+    """OpenAI's logprobs entries from the word probabilities a backend measured.
+
+    Each word is one entry; words without a probability are left out, never
+    given an invented one.
+    """
+    entries = []
+    for word in words:
+        if word.probability is None:
+            continue
+        entries.append({
+            "token": word.word,
+            "logprob": round(math.log(max(word.probability, 1e-12)), 6),
+            "bytes": list(word.word.encode("utf-8")),
+        })
+    return entries
+
+
+def _add_logprobs(body: dict[str, Any], form: Form, words: list[Word]) -> None:
+    if not _wants_logprobs(form):
+        return
+    entries = logprobs_json(words)
+    if entries or any(w.probability is not None for w in words):
+        body["logprobs"] = entries
+
+
 # --- answering ------------------------------------------------------------------
 
 
 def render(result: Transcription, segments: list[Segment], form: Form, translate: bool) -> web.Response:
     text = join_text(segments)
     response_format = form["response_format"]
+    all_words = [w for s in segments for w in s.words]
     if response_format == "json":
-        return web.json_response({"text": text, "usage": duration_usage(result.duration)})
+        body_json: dict[str, Any] = {"text": text}
+        _add_logprobs(body_json, form, all_words)
+        body_json["usage"] = duration_usage(result.duration)
+        return web.json_response(body_json)
     if response_format == "text":
         return web.Response(text=text + "\n" if text else "", content_type="text/plain")
     if response_format == "srt":
@@ -109,6 +204,7 @@ def render(result: Transcription, segments: list[Segment], form: Form, translate
         words = [word_json(w) for s in segments for w in s.words]
         if words:
             body["words"] = words
+    _add_logprobs(body, form, all_words)
     body["usage"] = duration_usage(result.duration)
     body.update(result.extra)
     return web.json_response(body)
@@ -157,15 +253,21 @@ async def _respond_stream(run: Inference, audio: DecodedAudio, form: Form, trans
     _describe(stream, run, result.language)
     await stream.prepare(request)
     joiner = TextJoiner()
+    seen_words: list[Word] = []
 
     async def send_delta(cues: list[Segment]) -> None:
         delta = "".join(joiner.add(cue.text) for cue in cues)
         first, last = cues[0], cues[-1]
         segment: dict[str, Any] = {"id": first.id, "start": round(first.start, 3), "end": round(last.end, 3)}
-        if with_words:
-            segment["words"] = [word_json(w) for s in cues for w in s.words]
+        words = [w for s in cues for w in s.words]
+        seen_words.extend(words)
+        if with_words and _wants_words(form):
+            segment["words"] = [word_json(w) for w in words]
         segment.update(first.extra)
-        await stream.send(json.dumps({"type": "transcript.text.delta", "delta": delta, "segment": segment}))
+        event: dict[str, Any] = {"type": "transcript.text.delta", "delta": delta}
+        _add_logprobs(event, form, words)
+        event["segment"] = segment
+        await stream.send(json.dumps(event))
 
     try:
         if card.supports_streaming:
@@ -185,13 +287,15 @@ async def _respond_stream(run: Inference, audio: DecodedAudio, form: Form, trans
             cues = regroup(segments, form["segment_granularity"], 0)
             if cues:
                 await send_delta(cues)
-        await stream.send(json.dumps({
+        done: dict[str, Any] = {
             "type": "transcript.text.done",
             "text": joiner.text,
             "language": result.language,
             "duration": round(result.duration, 3),
-            "usage": duration_usage(result.duration),
-        }))
+        }
+        _add_logprobs(done, form, seen_words)
+        done["usage"] = duration_usage(result.duration)
+        await stream.send(json.dumps(done))
     except AistackError as exc:
         if exc.kind != "cancelled":
             await _send_error(stream, exc)
@@ -346,6 +450,21 @@ async def _stream_with_speakers(
 # --- the handlers -----------------------------------------------------------------
 
 
+def _resolve(registry, model: str, language: str | None, translate: bool):
+    """The backend for the request (blocking: ``auto`` checks model files on disk)."""
+    entry = registry.resolve_asr(model, language)
+    if translate and is_auto(model) and not entry.card.can_translate:
+        # `auto` for a translation: the best model that can translate, if one can serve.
+        ranked = sorted(registry.serving("asr"), key=lambda e: (e.card.auto_priority, e.card.id))
+        entry = next((e for e in ranked if e.card.can_translate), entry)
+    return entry
+
+
+def _translators(app: web.Application) -> list[str]:
+    entries = sorted(app[registry_key].asr.values(), key=lambda e: (e.card.auto_priority, e.card.id))
+    return [e.card.id for e in entries if e.card.can_translate]
+
+
 async def _serve(request: web.Request, translate_route: bool) -> web.StreamResponse:
     app = request.app
     config = app[config_key]
@@ -360,20 +479,25 @@ async def _serve(request: web.Request, translate_route: bool) -> web.StreamRespo
     try:
         upload = form.file("file")
         if upload is None:
-            raise Malformed("No audio: add a 'file' field with the recording (multipart/form-data).", param="file")
+            raise Malformed(
+                "No audio: add a 'file' field with the recording (multipart/form-data).", param="file", code="missing_file"
+            )
         translate = translate_route or form["translate"]
         info.requested_model = form["model"] or None
+        # One spelling for every backend: names and region forms become the code.
+        form.values["language"] = normalize_language(form["language"], strict=True)
         info.stream, info.response_format = form["stream"], form["response_format"]
         # resolve_asr checks model files on disk (for `auto`), so off the event loop.
-        entry = await asyncio.to_thread(app[registry_key].resolve_asr, form["model"], form["language"])
+        entry = await asyncio.to_thread(_resolve, app[registry_key], form["model"], form["language"], translate)
         card = entry.card
-        if form["model"].lower() in ("", AUTO_ALIAS) and not _speaks(card, form["language"]):
+        if is_auto(form["model"]) and not _speaks(card, form["language"]):
             # `auto` fell back to a model without this language: the hint is only a hint,
             # so let the model detect (or assume) its own language rather than refuse.
             form.values["language"] = None
         if translate and not card.can_translate:
             raise Malformed(
-                f"Translation needs a Whisper model; {card.id} cannot translate.",
+                f"{card.id} cannot translate. Translations need a model that can: "
+                f"{', '.join(_translators(app)) or 'none is installed'}.",
                 provider=card.provider, param="model", code="translation_not_supported",
             )
         speakers = await _diarization_plan(request, form)
