@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from .errors import Malformed
 
-# Code -> English name: the languages Whisper was trained on (OpenAI's own
-# list for its transcription API), which covers every in-process backend.
+# Code -> English name: the languages OpenAI's transcription API lists, which
+# cover every in-process backend.
 LANGUAGE_NAMES: dict[str, str] = {
     "af": "afrikaans", "am": "amharic", "ar": "arabic", "as": "assamese", "az": "azerbaijani",
     "ba": "bashkir", "be": "belarusian", "bg": "bulgarian", "bn": "bengali", "bo": "tibetan",

@@ -630,10 +630,11 @@ class FasterWhisperBackend:
     def _model_location(self) -> str:
         if self.source.path is not None:
             if not has_model_files(self.source.path):
-                raise Network(
+                # Permanent until the operator acts: a 400, so OpenAI clients do not retry it.
+                raise Malformed(
                     f"The files of {self.card.id} are missing from {self.source.path} "
                     f"(expected {', '.join(MODEL_FILES)}). Restore them or restart aistack to rescan.",
-                    provider=PROVIDER,
+                    provider=PROVIDER, param="model", code="model_not_installed",
                 )
             return str(self.source.path)
         assert self.source.repo_id is not None
@@ -643,7 +644,7 @@ class FasterWhisperBackend:
             log.warning("download of %s failed: %s: %s", self.source.repo_id, type(exc).__name__, exc)
             raise Network(
                 f"Could not download {self.card.id} from {self.source.repo_id}: {type(exc).__name__}: {exc}",
-                provider=PROVIDER,
+                provider=PROVIDER, code="download_failed",
             ) from exc
 
     def load(self, device: Device | None = None) -> LoadedWhisper:

@@ -65,7 +65,7 @@ def test_bundled_tiny_en_card(tmp_path):
     assert card.capabilities == ("asr",)
     assert card.languages == ("en",)
     assert card.supports_streaming is True
-    assert card.can_translate is False
+    assert card.can_translate is True  # English speech: its translation is its transcription
     assert card.auto_priority == 0
     assert set(card.aliases) == {"tiny", "tiny.en", "whisper-1"}
     assert backends["whisper-tiny.en"].source.origin == "bundled"
@@ -91,7 +91,7 @@ def test_whisper_dir_folder_is_listed_and_ranked(tmp_path):
     assert set(backends) == {"whisper-tiny.en", "whisper-base", "whisper-small.en"}
     small = backends["whisper-small.en"]
     assert small.source.origin == "whisper_dir" and small.source.path == whisper_dir / "small.en"
-    assert small.card.languages == ("en",) and not small.card.can_translate
+    assert small.card.languages == ("en",) and small.card.can_translate
     # The largest installed model wins ``auto`` and ``whisper-1``.
     assert small.card.auto_priority == 0
     assert backends["whisper-base"].card.auto_priority == 1
@@ -246,10 +246,13 @@ def test_pre_cancelled_request_decodes_nothing(tiny_en, short_clip):
     assert produced == []
 
 
-def test_english_only_model_refuses_translate_and_other_languages(tiny_en, short_clip):
+def test_english_only_model_translates_by_transcribing_and_refuses_other_languages(tiny_en, short_clip):
     backend, model = tiny_en
-    with pytest.raises(Malformed, match="English-only model and cannot translate"):
-        backend.transcribe(model, short_clip[1], TranscriptionOptions(translate=True), CancelToken())
+    plain = list(backend.transcribe(model, short_clip[1], TranscriptionOptions(), CancelToken()).segments)
+    translated = list(backend.transcribe(model, short_clip[1], TranscriptionOptions(translate=True), CancelToken()).segments)
+    assert [s.text for s in translated] == [s.text for s in plain] and plain
+    # Whisper's own window offset and token ids, not stand-ins.
+    assert all(s.seek == 0 and s.tokens and all(isinstance(t, int) for t in s.tokens) for s in plain)
     with pytest.raises(Malformed, match="English only"):
         backend.transcribe(model, short_clip[1], TranscriptionOptions(language="fr"), CancelToken())
     result = backend.transcribe(model, short_clip[1], TranscriptionOptions(language="en-US"), CancelToken())

@@ -396,7 +396,7 @@ async def test_capture_tees_a_streamed_response(make_client, tmp_path):
     await flush(client, "cap-stream")
     folder = capture_folder(tmp_path, "cap-stream")
     streamed = b"".join(chunks)
-    assert len(streamed) == 4 * 0.2 * 16000 * 2
+    assert len(streamed) == 4 * 0.2 * 24000 * 2  # pcm is OpenAI's 24 kHz, whatever the voice's rate
     assert (folder / "resp.bin").read_bytes() == streamed
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["response"]["bytes"] == len(streamed) and meta["response"]["note"] is None

@@ -472,3 +472,25 @@ async def test_openai_ids_are_listed_as_routing_aliases(everything):
     # Retrieving an OpenAI id answers with what it stands for.
     assert (await sdk.models.retrieve("whisper-1")).id == "whisper-tiny.en"
     assert (await sdk.models.retrieve("gpt-4o-transcribe")).id == "gpt-4o-transcribe"
+
+
+def test_sentences_cut_from_a_batched_chunk_get_their_own_tokens():
+    from faster_whisper.transcribe import Segment as FwSegment, Word as FwWord
+
+    from aistack_core import CancelToken
+
+    words = [FwWord(0.0, 0.4, " Hello", 0.9), FwWord(0.4, 0.8, " there.", 0.8),
+             FwWord(1.0, 1.4, " Good", 0.7), FwWord(1.4, 1.9, " night.", 0.95)]
+    chunk = FwSegment(id=1, seek=3000, start=30.0, end=31.9, text=" Hello there. Good night.", tokens=[1, 2, 3, 4],
+                      avg_logprob=-0.2, compression_ratio=1.1, no_speech_prob=0.01, words=words, temperature=0.0)
+    tokenizer = whisper_tokenizer()
+
+    def tokens_of(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    pieces = list(faster_whisper_plugin.aistack_segments([chunk], CancelToken(), split_sentences=True, tokens_of=tokens_of))
+    assert [p.text for p in pieces] == ["Hello there.", "Good night."]
+    assert all(p.seek == 3000 for p in pieces)
+    assert [tokenizer.decode(list(p.tokens)).strip() for p in pieces] == ["Hello there.", "Good night."]
+    whole = next(iter(faster_whisper_plugin.aistack_segments([chunk], CancelToken())))
+    assert whole.tokens == (1, 2, 3, 4) and whole.seek == 3000

@@ -164,6 +164,7 @@ async def test_cache_hit_bypass_and_disabled(make_client, base_config):
         body = {"model": "tts-1", "voice": "alloy", "input": f"Bypass {headers or extra}.", **extra}
         response = await client.post("/v1/audio/speech", json=body, headers=headers)
         assert response.headers["X-Cache"] == "BYPASS"
+        await response.read()  # streamed: the slot frees once the body is out
     assert sorted(p.name for p in cache_dir.rglob("*") if p.is_file()) == entries  # nothing new on disk
 
 

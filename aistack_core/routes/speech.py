@@ -226,6 +226,8 @@ async def _serve_in_process(request: web.Request, speech: SpeechRequest) -> web.
         run.audio_seconds = samples / output_rate(speech)
     if key is not None and body is not None:
         await asyncio.to_thread(cache.put, key, body, content_type)
+    if response.prepared:
+        await response.write_eof()
     return response
 
 
@@ -308,7 +310,8 @@ async def _stream(run: Inference, speech: SpeechRequest, content_type: str, head
                 with contextlib.suppress(ConnectionError):
                     await response.send(json.dumps({"type": "speech.audio.error", **exc.envelope()["error"]}))
             raise
-        await response.write_eof()
+        # The end of the body is sent by the caller once the slot is free and the
+        # cache holds the answer: a client that sees the end may ask again at once.
         return response, b"".join(sent), samples
     finally:
         await pieces.aclose()  # closes the engine's generator when the stream stops early

@@ -171,7 +171,7 @@ def _add_logprobs(body: dict[str, Any], form: Form, words: list[Word]) -> None:
     if not _wants_logprobs(form):
         return
     entries = logprobs_json(words)
-    if entries or any(w.probability is not None for w in words):
+    if entries:
         body["logprobs"] = entries
 
 
@@ -306,7 +306,7 @@ async def _respond_stream(run: Inference, audio: DecodedAudio, form: Form, trans
         log.exception("transcription failed mid-stream")
         await _send_error(stream, Unknown(f"Transcription failed: {type(exc).__name__}: {exc}"))
         raise
-    await stream.write_eof()
+    # The end of the stream goes out once the slot is free (see _serve).
     return stream
 
 
@@ -486,6 +486,7 @@ async def _serve(request: web.Request, translate_route: bool) -> web.StreamRespo
         info.requested_model = form["model"] or None
         # One spelling for every backend: names and region forms become the code.
         form.values["language"] = normalize_language(form["language"], strict=True)
+        _chunking(form)  # a bad chunking_strategy is refused before the slot is taken
         info.stream, info.response_format = form["stream"], form["response_format"]
         # resolve_asr checks model files on disk (for `auto`), so off the event loop.
         entry = await asyncio.to_thread(_resolve, app[registry_key], form["model"], form["language"], translate)
@@ -508,8 +509,14 @@ async def _serve(request: web.Request, translate_route: bool) -> web.StreamRespo
             if speakers is not None:
                 return await _respond_with_speakers(run, speakers, audio, form, translate)
             if form["stream"]:
-                return await _respond_stream(run, audio, form, translate)
-            return await _respond_whole(run, audio, form, translate)
+                response = await _respond_stream(run, audio, form, translate)
+            else:
+                response = await _respond_whole(run, audio, form, translate)
+        if response.prepared:
+            # A client that has read the done event may send its next request at
+            # once: the slot is released before the stream ends.
+            await response.write_eof()
+        return response
     finally:
         form.discard()
 
