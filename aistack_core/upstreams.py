@@ -199,7 +199,7 @@ class UpstreamProbes:
                 raise Network(
                     f"Model {model!r} is served by {upstream.provider}, which cannot be reached now: "
                     f"{upstream.unreachable_hint}",
-                    provider=upstream.provider,
+                    provider=upstream.provider, code="upstream_unreachable",
                 )
         return next((entry for entry in entries if entry.backend.catch_all), entries[0])
 

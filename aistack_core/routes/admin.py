@@ -301,7 +301,7 @@ async def get_static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     content_type = STATIC_FILES.get(name)
     if content_type is None:
-        raise Malformed(f"No admin file {name!r}.", status=404)
+        raise Malformed(f"No admin file {name!r}.", status=404, code="not_found")
     body = await _static_body(request.app, name)
     return web.Response(body=body, content_type=content_type, charset="utf-8", headers=PAGE_HEADERS)
 
