@@ -494,3 +494,27 @@ def test_sentences_cut_from_a_batched_chunk_get_their_own_tokens():
     assert [tokenizer.decode(list(p.tokens)).strip() for p in pieces] == ["Hello there.", "Good night."]
     whole = next(iter(faster_whisper_plugin.aistack_segments([chunk], CancelToken())))
     assert whole.tokens == (1, 2, 3, 4) and whole.seek == 3000
+
+
+async def test_hostile_chunking_language_and_include_values_are_400s(make_client, speech):
+    client = await make_client(plugins={"slow": BackendPlugin(SlowAsr(steps=1, step_s=0.01))})
+    cases = [
+        ({"chunking_strategy[type]": "server_vad", "chunking_strategy[threshold]": "abc"}, "chunking_strategy"),
+        ({"chunking_strategy[type]": "server_vad", "chunking_strategy[evil]": "1"}, "chunking_strategy"),
+        ({"chunking_strategy": '{"type": "server_vad", "threshold": 1e999}'}, "chunking_strategy"),
+        ({"chunking_strategy": '{"type": "server_vad", "silence_duration_ms": true}'}, "chunking_strategy"),
+        ({"chunking_strategy": "[1, 2]"}, "chunking_strategy"),
+        ({"language": "x" * 200}, "language"),
+        ({"language": "-"}, "language"),
+        ({"include[]": "tokens"}, "include"),
+    ]
+    for fields, param in cases:
+        response = await client.post("/v1/audio/transcriptions", data=form(speech[1], model="slow-asr", **fields))
+        assert response.status == 400, (fields, await response.text())
+        body = await response.json()
+        schemas.validate(body, schemas.ERROR_RESPONSE)
+        assert body["error"]["param"] == param, (fields, body)
+    assert client.app[slot_key].is_free
+    ok = await client.post("/v1/audio/transcriptions", data=form(
+        speech[1], model="slow-asr", language="zh-Hant-TW", **{"chunking_strategy[type]": "server_vad"}))
+    assert ok.status == 200, await ok.text()
