@@ -36,8 +36,6 @@ class AistackError(Exception):
     status: ClassVar[int] = 500
     openai_type: ClassVar[str] = "server_error"
     default_code: ClassVar[str] = "internal_error"
-    # The code of an error that names a request field but no code of its own.
-    field_code: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -55,7 +53,7 @@ class AistackError(Exception):
         if status is not None:
             self.status = status
         self.headers = dict(headers or {})
-        self.code = code or (self.field_code if param and self.field_code else self.default_code)
+        self.code = code or self.default_code
         self.param = param
 
     def envelope(self) -> dict:
@@ -78,7 +76,6 @@ class Malformed(AistackError):
     status = 400
     openai_type = "invalid_request_error"
     default_code = "invalid_request"
-    field_code = "invalid_value"
 
 
 class Unauthorized(Malformed):

@@ -288,7 +288,7 @@ async def test_bad_events_get_error_events_and_the_session_stays_open(whisper_ap
         (json.dumps({"type": "session.update", "session": {"audio": {"input": {
             "format": {"type": "audio/pcm", "rate": 11025}}}}}), "invalid_request", "session.audio.input.format.rate"),
         (json.dumps({"type": "session.update", "session": {"audio": {"input": {
-            "transcription": {"model": "no-such-model"}}}}}), "invalid_request",
+            "transcription": {"model": "no-such-model"}}}}}), "model_not_found",
          "session.audio.input.transcription.model"),
         (json.dumps({"type": "session.update", "session": {"include": ["everything"]}}), "invalid_request",
          "session.include"),
