@@ -655,6 +655,7 @@ async def test_long_tts_sentence_is_cancelled_within_a_second(gateway):
     # No model load inside the measured window: the first request loads the voice.
     warm = await client.post("/v1/audio/speech", json={"model": "piper", "input": "Warm up.", "cache": False})
     assert warm.status == 200
+    await warm.read()  # speech streams by default: the slot frees once the body is out
     response = await client.post("/v1/audio/speech", json={
         "model": "piper", "input": sentence, "stream": True, "response_format": "pcm", "cache": False})
     assert response.status == 200
