@@ -171,7 +171,7 @@ async def test_client_errors(whisper_client, sentences_wav, tmp_path):
         (form(empty, model="whisper-1"), 400, "malformed", "audio"),
         (form(path, model="whisper-1", stream="maybe"), 400, "malformed", "stream"),
         (form(path, model="whisper-1", segment_granularity="word"), 400, "malformed", "segment_granularity"),
-        (form(path, model="whisper-large-v3"), 503, "network", "whisper-large-v3"),
+        (form(path, model="whisper-large-v3"), 400, "malformed", "no copy of this model"),
     ]
     for data, status, kind, needle in cases:
         response = await whisper_client.post("/v1/audio/transcriptions", data=data)
