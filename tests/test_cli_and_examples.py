@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import wave
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from .upstreams import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "aistack-energy-asr"
+TINY_TTS = ROOT / "examples" / "aistack-tiny-tts"
 
 
 def get_json(url: str, timeout: float = 5.0):
@@ -112,3 +114,40 @@ def test_example_plugin_install_serve_uninstall(tmp_path):
         removed = pip("uninstall", "-y", "-q", "aistack-energy-asr")
     assert removed.returncode == 0, removed.stderr
     assert "energy_asr" not in plugin_names()
+
+
+def test_tiny_tts_example_install_test_serve_uninstall(tmp_path):
+    installed = pip("install", "-q", "--no-deps", "--no-build-isolation", str(TINY_TTS))
+    assert installed.returncode == 0, installed.stderr
+    try:
+        record = plugin_names()["tiny_tts"]
+        assert record["status"] == "loaded" and record["distribution"] == "aistack-tiny-tts"
+        assert record["registered"] == ["tts:tiny-tts"]
+        assert record["install_hint"] == "pip install ./examples/aistack-tiny-tts"
+        assert [s["name"] for s in record["settings"]] == ["AISTACK_TINY_TTS_PITCH_HZ"]
+        # Its own tests, written with aistack_core.testing, pass against the installed copy.
+        own_tests = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TINY_TTS / "tests")],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )
+        assert own_tests.returncode == 0, own_tests.stdout + own_tests.stderr
+        process, url = start_server(tmp_path, AISTACK_LOAD_PLUGINS="tiny_tts")
+        try:
+            assert "tiny-tts" in [m["id"] for m in get_json(url + "/v1/models")["data"]]
+            out = tmp_path / "hello.wav"
+            curl = subprocess.run(
+                ["curl", "-s", "-o", str(out), "-w", "%{http_code} %{content_type}", url + "/v1/audio/speech",
+                 "-H", "Content-Type: application/json",
+                 "-d", json.dumps({"model": "tiny-tts", "input": "Hello there. How are you?", "voice": "high",
+                                   "response_format": "wav"})],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert curl.stdout == "200 audio/wav", curl.stdout
+            with wave.open(str(out)) as audio:
+                assert audio.getnframes() / audio.getframerate() > 1.0
+        finally:
+            stop(process)
+    finally:
+        removed = pip("uninstall", "-y", "-q", "aistack-tiny-tts")
+    assert removed.returncode == 0, removed.stderr
+    assert "tiny_tts" not in plugin_names()
