@@ -773,3 +773,98 @@ def test_sentence_helpers():
     assert split_sentences("   ") == []
     words = [Word(0.0, 0.2, "One."), Word(0.3, 0.5, "Two"), Word(2.5, 2.7, "three"), Word(2.8, 3.0, " ")]
     assert [[w.word for w in group] for group in sentence_groups(words)] == [["One."], ["Two"], ["three"]]
+
+
+# --- one test per hook (tests/test_plugin_docs.py checks that each hookspec has one) -----------
+
+
+async def test_hook_register_asr_backends(tmp_path):
+    from aistack_core.testing import serve, tone_wav, upload
+
+    class SettingsAwareAsr:
+        @hookimpl
+        def register_asr_backends(self, register, config):
+            register(SlowAsr(config.env_str("AISTACK_TEST_ASR_ID", "slow-asr"), steps=2, step_s=0.01))
+
+    async with serve(plugins={"asr_plugin": SettingsAwareAsr()}, settings={"AISTACK_TEST_ASR_ID": "hooked-asr"}) as client:
+        listing = {p["name"]: p for p in (await (await client.get("/-/plugins")).json())["plugins"]}
+        assert listing["asr_plugin"]["registered"] == ["asr:hooked-asr"]
+        response = await client.post("/v1/audio/transcriptions", data=upload(tone_wav(tmp_path / "t.wav"), model="hooked-asr"))
+        assert response.status == 200 and (await response.json())["text"] == "part 0. part 1."
+
+
+async def test_hook_register_tts_backends():
+    from aistack_core.testing import serve
+
+    class TonePlugin:
+        @hookimpl
+        def register_tts_backends(self, register, config):
+            register(ToneTts("hooked-tts"))
+
+    async with serve(plugins={"tts_plugin": TonePlugin()}) as client:
+        response = await client.post("/v1/audio/speech", json={"model": "hooked-tts", "input": "Hi.", "response_format": "pcm"})
+        assert response.status == 200
+        assert len(await response.read()) == 2 * 1600  # the backend's one tone, as 16-bit PCM
+        # OpenAI's ids map to the only in-process model.
+        assert (await client.post("/v1/audio/speech", json={"model": "tts-1", "input": "Hi."})).status == 200
+
+
+async def test_hook_register_upstreams():
+    from aistack_core.testing import serve
+
+    from .upstreams.ollama import OllamaEmulator
+
+    emulator = OllamaEmulator()
+    async with emulator.running():
+
+        class ChatUpstream:
+            @hookimpl
+            def register_upstreams(self, register, config):
+                async def probe(session):
+                    async with session.get(emulator.url + "/api/tags") as response:
+                        tags = (await response.json())["models"]
+                    return [ModelCard(id=t["name"], capabilities=("llm",), owned_by="x", provider="Chat") for t in tags]
+
+                register(Upstream(name="chat", capability="llm", base_url=emulator.url, provider="Chat",
+                                  routes=("/v1/chat/completions",), probe=probe, unreachable_hint="start it"))
+
+        async with serve(plugins={"chat_plugin": ChatUpstream()}) as client:
+            models = [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
+            assert models == [m["name"] for m in emulator.models]
+            response = await client.post("/v1/chat/completions", json={
+                "model": "qwen3:4b", "messages": [{"role": "user", "content": "Hello"}]})
+            assert response.status == 200 and (await response.json())["choices"][0]["message"]["content"]
+
+
+# --- aistack_core.testing ------------------------------------------------------------------------
+
+
+def test_fake_audio_and_the_backend_drivers(tmp_path):
+    import numpy as np
+
+    from aistack_core.audio import DecodedAudio
+    from aistack_core.testing import FakeAudio, synthesize, tone, transcribe
+
+    audio = FakeAudio(tone(0.5, sample_rate=16000), directory=tmp_path)
+    assert audio.duration == 0.5 and len(audio.samples(8000)) == 4000 and len(audio.samples()) == 8000
+    decoded = DecodedAudio.open(audio.path)  # the file is what the gateway's own decoder reads
+    assert abs(decoded.duration - 0.5) < 0.01
+    assert np.max(np.abs(decoded.samples(16000) - audio.samples(16000))) < 1e-3
+
+    backend = SlowAsr(steps=3, step_s=0.01)
+    result, segments = transcribe(backend, audio)
+    assert [s.text for s in segments] == ["part 0.", "part 1.", "part 2."] and backend.loads == 1
+    assert len(synthesize(ToneTts("t"), "Hello.")) == 1600
+
+
+async def test_serve_removes_its_folders_and_ignores_the_real_environment(monkeypatch):
+    from aistack_core.context import config_key
+    from aistack_core.testing import serve
+
+    monkeypatch.setenv("AISTACK_TEST_ONLY_SETTING", "from the machine")
+    async with serve(settings={"AISTACK_OTHER": "1"}, slot_wait_s=2.5) as client:
+        config = client.app[config_key]
+        assert config.slot_wait_s == 2.5 and config.env == {"AISTACK_OTHER": "1"}
+        scratch = config.upload_dir.parent
+        assert scratch.is_dir() and (await client.get("/health")).status == 200
+    assert not scratch.exists()
