@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 PLUGIN_API_VERSION = 1
 
 SETTING_KINDS = ("str", "bool", "int", "float", "path")
+# What a declared default may be, per kind (None always: "unset").
+_DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "bool": (bool,), "int": (int,), "float": (int, float), "path": (str, Path),
+}
 
 
 @attrs.frozen
@@ -51,8 +55,12 @@ class PluginSetting:
     def __attrs_post_init__(self) -> None:
         if self.kind not in SETTING_KINDS:
             raise ValueError(f"setting {self.name}: kind must be one of {', '.join(SETTING_KINDS)}, not {self.kind!r}")
-        if not self.name.startswith("AISTACK_"):
-            raise ValueError(f"setting {self.name}: plugin settings are AISTACK_* variables")
+        if not isinstance(self.name, str) or not self.name.startswith("AISTACK_"):
+            raise ValueError(f"setting {self.name!r}: plugin settings are AISTACK_* variables")
+        allowed = _DEFAULT_TYPES[self.kind]
+        wrong_bool = isinstance(self.default, bool) and self.kind != "bool"
+        if self.default is not None and (wrong_bool or not isinstance(self.default, allowed)):
+            raise ValueError(f"setting {self.name}: a {self.kind} setting cannot default to {self.default!r}")
 
     def read(self, config: "Config") -> Any:
         return getattr(config, f"env_{self.kind}")(self.name, self.default)
@@ -63,7 +71,13 @@ class PluginSetting:
 
 
 def _model_table(value: Mapping[str, Any]) -> Mapping[str, tuple[str, ...]]:
-    return {capability: tuple(ids) for capability, ids in dict(value).items()}
+    table = {}
+    for capability, ids in dict(value).items():
+        ids = (ids,) if isinstance(ids, str) else tuple(ids)
+        if not isinstance(capability, str) or not all(isinstance(i, str) and i.strip() for i in ids):
+            raise ValueError(f"manifest models: {capability!r} must map to non-empty model id strings, got {ids!r}")
+        table[capability] = ids
+    return table
 
 
 @attrs.frozen(eq=False)
@@ -90,6 +104,15 @@ class PluginManifest:
     models: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, converter=_model_table)
     settings: tuple[PluginSetting, ...] = attrs.field(default=(), converter=tuple)
     api_version: int = PLUGIN_API_VERSION
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"manifest name must be the plugin's entry-point name, got {self.name!r}")
+        if self.install_hint is not None and not isinstance(self.install_hint, str):
+            raise ValueError(f"manifest {self.name}: install_hint must be a string, got {self.install_hint!r}")
+        for setting in self.settings:
+            if not isinstance(setting, PluginSetting):
+                raise ValueError(f"manifest {self.name}: settings must be PluginSetting objects, got {setting!r}")
 
     def setting(self, name: str) -> PluginSetting:
         for setting in self.settings:

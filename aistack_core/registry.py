@@ -25,6 +25,8 @@ NOT_INSTALLED_CODE = "model_not_installed"
 OPENAI_TTS_IDS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # Registrations keyed by their ``name`` rather than a model card: kind -> (type, what it is called)
 NAMED_KINDS = {"upstream": (Upstream, "upstream"), "vad": (VadProvider, "voice activity detector")}
+# Names the gateway resolves before looking at the registry, so no backend may take them.
+RESERVED_NAMES = {"asr": (AUTO_ALIAS,), "tts": OPENAI_TTS_IDS}
 # hook name -> the table its registrations go to
 REGISTER_HOOKS = (
     ("register_asr_backends", "asr"),
@@ -128,7 +130,14 @@ class Registry:
                 raise RegistrationError(
                     f"plugin {batch.plugin!r} called register after its hook returned; register inside the hook"
                 )
-            batch.entries.append(self._check(batch, obj))
+            try:
+                batch.entries.append(self._check(batch, obj))
+            except RegistrationError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a malformed object (card without an id, ...) is refused too
+                raise RegistrationError(
+                    f"plugin {batch.plugin!r} registered {obj!r}, which cannot be used: {type(exc).__name__}: {exc}"
+                ) from exc
         except RegistrationError as exc:
             if batch.error is None:  # the first refusal is the reason, even if the plugin swallows it
                 batch.error = str(exc)
@@ -147,7 +156,19 @@ class Registry:
             if not isinstance(obj, protocol):
                 raise RegistrationError(f"plugin {plugin!r} registered {obj!r}, which is not a {protocol.__name__}")
             key, what = obj.card.id, f"{capability} model id"
-            names = tuple(dict.fromkeys(name.lower() for name in (obj.card.id, *obj.card.aliases)))
+            given = (obj.card.id, *obj.card.aliases)
+            if not all(isinstance(name, str) and name.strip() == name and name for name in given):
+                raise RegistrationError(
+                    f"plugin {plugin!r} registered {what}s {given!r}: each must be a non-empty string "
+                    f"without surrounding spaces"
+                )
+            names = tuple(dict.fromkeys(name.lower() for name in given))
+            reserved = sorted(set(names) & set(RESERVED_NAMES.get(capability, ())))
+            if reserved:
+                raise RegistrationError(
+                    f"plugin {plugin!r} registered {what} {reserved[0]!r}, which the gateway itself answers "
+                    f"(it would never reach the plugin)"
+                )
             table = self._table(capability)
             taken = {name: table[model_id].plugin for (cap, name), model_id in self._names.items() if cap == capability}
         for _, _, staged in batch.entries:

@@ -868,3 +868,57 @@ async def test_serve_removes_its_folders_and_ignores_the_real_environment(monkey
         scratch = config.upload_dir.parent
         assert scratch.is_dir() and (await client.get("/health")).status == 200
     assert not scratch.exists()
+
+
+def test_reserved_blank_or_malformed_ids_are_refused_even_when_swallowed(plugin_set):
+    class Cardless:
+        card = None
+
+        def load(self):
+            return None
+
+        def transcribe(self, model, audio, options, cancel):
+            return None
+
+    class Swallower:
+        def __init__(self, *backends):
+            self.backends = backends
+
+        @hookimpl
+        def register_asr_backends(self, register, config):
+            for backend in self.backends:
+                try:
+                    register(backend)
+                except Exception:  # noqa: BLE001 - a plugin that ignores refusals still gets rolled back
+                    pass
+
+    cases = {
+        "reserved": (SlowAsr("fine-a"), SlowAsr("AUTO")),
+        "blank": (SlowAsr("fine-b"), SlowAsr(" padded ")),
+        "cardless": (SlowAsr("fine-c"), Cardless()),
+    }
+    for name, backends in cases.items():
+        plugin_set.register(Swallower(*backends), name=name)
+    registry = Registry.from_plugins(plugin_set, Config())
+    assert registry.asr == {}
+    records = plugin_set.records
+    assert "'auto', which the gateway itself answers" in records["reserved"].error
+    assert "non-empty string without surrounding spaces" in records["blank"].error
+    assert "cannot be used: AttributeError" in records["cardless"].error
+
+
+def test_manifest_values_are_checked_where_they_are_written():
+    from aistack_core import PluginManifest, PluginSetting
+
+    for bad in ({"asr": (1,)}, {"asr": ("",)}, {2: ("x",)}):
+        with pytest.raises(ValueError, match="manifest models"):
+            PluginManifest(name="x", models=bad)
+    assert PluginManifest(name="x", models={"asr": "one-id"}).models == {"asr": ("one-id",)}
+    with pytest.raises(ValueError, match="entry-point name"):
+        PluginManifest(name="")
+    with pytest.raises(ValueError, match="PluginSetting"):
+        PluginManifest(name="x", settings=({"name": "AISTACK_X"},))
+    for kind, default in (("int", "3"), ("int", True), ("bool", 1), ("float", "fast"), ("str", 3)):
+        with pytest.raises(ValueError, match="cannot default to"):
+            PluginSetting("AISTACK_X", kind, default, "-")
+    assert PluginSetting("AISTACK_X", "float", 2, "-").read(Config()) == 2
