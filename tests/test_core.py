@@ -842,7 +842,7 @@ async def test_hook_register_upstreams():
 def test_fake_audio_and_the_backend_drivers(tmp_path):
     import numpy as np
 
-    from aistack_core.audio import DecodedAudio
+    from aistack_core.media.audio import DecodedAudio
     from aistack_core.testing import FakeAudio, synthesize, tone, transcribe
 
     audio = FakeAudio(tone(0.5, sample_rate=16000), directory=tmp_path)
