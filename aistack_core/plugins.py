@@ -190,15 +190,19 @@ def load_plugins(load_entrypoints: bool = True, allow: Iterable[str] | None = No
             version=dist.version if dist else None,
             status="loaded",
         )
+        disabled = allowed is not None and name not in allowed
         try:
             if name in manifests:
                 record.manifest = _load_manifest(manifests[name], name)
         except BaseException as exc:  # noqa: BLE001 - isolation is the point
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            plugins.skip(name, f"its manifest could not be read: {_describe(exc)}")
-            continue
-        if allowed is not None and name not in allowed:
+            problem = f"its manifest could not be read: {_describe(exc)}"
+            if not disabled:
+                plugins.skip(name, problem)
+                continue
+            log.info("plugin %s (disabled): %s", name, problem)  # the operator turned it off; it stays "disabled"
+        if disabled:
             record.status = "disabled"
             record.error = "not in AISTACK_LOAD_PLUGINS"
             continue

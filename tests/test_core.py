@@ -371,6 +371,8 @@ def test_broken_manifest_skips_its_plugin(tmp_path, monkeypatch):
     records = load_plugins(allow=["tp_wrong_type", "tp_wrong_name"]).records
     assert records["tp_wrong_type"].status == "skipped" and "not an aistack_core.PluginManifest" in records["tp_wrong_type"].error
     assert records["tp_wrong_name"].status == "skipped" and "describes plugin 'tp_missing'" in records["tp_wrong_name"].error
+    # A plugin the operator left out stays "disabled", whatever its manifest says.
+    assert load_plugins(allow=["tp_wrong_name"]).records["tp_wrong_type"].status == "disabled"
 
 
 # --- request ids ------------------------------------------------------------------

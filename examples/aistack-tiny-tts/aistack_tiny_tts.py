@@ -60,6 +60,8 @@ SONORANT_S = 0.05
 WORD_GAP_S = 0.07
 COMMA_GAP_S = 0.18
 SENTENCE_GAP_S = 0.3
+# Consonants sounded before and after a syllable's vowel; the rest of a long cluster is skipped.
+MAX_CLUSTER = 3
 
 _WORD = re.compile(r"[^\W_]+|[,;:]", re.UNICODE)
 _VOWEL_GROUP = re.compile(r"[^aeiouy]*[aeiouy]+")
@@ -113,17 +115,27 @@ class TinySpeaker:
         # peaks (resonance curves); the floor keeps the low harmonics, so the pitch is heard.
         resonance = sum(1.0 / (1.0 + ((harmonics * centre - f) / 90.0) ** 2) for f in formants)
         weights = (0.2 + resonance) / harmonics**0.7
-        wave = (weights[:, None] * np.sin(harmonics[:, None] * phase[None, :])).sum(axis=0)
+        # sum_k w_k sin(k phase) = Im(sum_k w_k z^k) with z = e^(i phase), by Horner's rule:
+        # a multiply-add per harmonic instead of a sine per harmonic and sample.
+        z = np.exp(1j * phase)
+        total = np.zeros_like(z)
+        for weight in weights[::-1]:
+            total = (total + weight) * z
+        wave = total.imag
         envelope = np.minimum(1.0, np.minimum(np.arange(count), np.arange(count)[::-1]) / (0.012 * SAMPLE_RATE))
         peak = float(np.max(np.abs(wave))) or 1.0
         return (level * envelope * wave / peak).astype(np.float32)
 
     def _syllable(self, syllable: str, f0: float, f0_next: float, scale: float) -> list[np.ndarray]:
         parts: list[np.ndarray] = []
-        vowel = next((char for char in syllable if char in "aeiouy"), None)
-        if vowel is None and not syllable.isascii():
-            vowel = "neutral"
-        for char in syllable:
+        vowels = [char for char in syllable if char in "aeiouy"]
+        vowel = vowels[0] if vowels else ("neutral" if not syllable.isascii() else None)
+        # One vowel sound per syllable, a little longer for a vowel group ("ee", "oa"), and
+        # at most a few consonants each side: "aaaa..." or "bbbb..." stays one short syllable.
+        vowel_s = VOWEL_S * min(2.0, 1.0 + 0.25 * (len(vowels) - 1)) if vowels else VOWEL_S
+        head = syllable[: syllable.index(vowel)] if vowels else syllable
+        tail = syllable[len(head) + len(vowels):] if vowels else ""
+        for char in [*head[:MAX_CLUSTER], *(vowel if vowels else ""), *tail[:MAX_CLUSTER]]:
             if char in FRICATIVES:
                 hiss = self._noise(syllable + char, FRICATIVE_S * scale)
                 if char in "sxzc":  # sibilants are bright: keep the high part of the noise
@@ -135,8 +147,8 @@ class TinySpeaker:
                 parts.append(0.25 * burst / (float(np.max(np.abs(burst))) or 1.0))
             elif char in SONORANTS:
                 parts.append(self._voiced(SONORANT_S * scale, f0, f0, FORMANTS["nasal"], 0.25))
-            elif char in "aeiouy" and char == vowel:
-                parts.append(self._voiced(VOWEL_S * scale, f0, f0_next, FORMANTS[vowel], 0.6))
+            elif char in "aeiouy":
+                parts.append(self._voiced(vowel_s * scale, f0, f0_next, FORMANTS[vowel], 0.6))
         if vowel == "neutral":
             parts.append(self._voiced(VOWEL_S * scale, f0, f0_next, FORMANTS["neutral"], 0.6))
         return parts

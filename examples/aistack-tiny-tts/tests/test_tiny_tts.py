@@ -89,6 +89,12 @@ async def test_stream_and_other_scripts():
         assert "tiny-tts" in models
 
 
+async def test_a_long_run_of_one_letter_stays_one_short_syllable():
+    async with serve(plugins=[aistack_tiny_tts]) as client:
+        for text in ("a" * 4000, "b" * 4000):
+            assert len(await speak(client, text)) < RATE  # under a second, not minutes of audio
+
+
 async def test_client_mistakes_are_400s():
     async with serve(plugins=[aistack_tiny_tts]) as client:
         nothing = await client.post("/v1/audio/speech", json={"model": "tiny-tts", "input": "?! ..."})
