@@ -822,8 +822,8 @@ async def test_hook_register_upstreams():
         class ChatUpstream:
             @hookimpl
             def register_upstreams(self, register, config):
-                async def probe(session):
-                    async with session.get(emulator.url + "/api/tags") as response:
+                async def probe(session, base_url):
+                    async with session.get(base_url + "/api/tags") as response:
                         tags = (await response.json())["models"]
                     return [ModelCard(id=t["name"], capabilities=("llm",), owned_by="x", provider="Chat") for t in tags]
 

@@ -68,7 +68,7 @@ def test_every_testing_helper_is_documented(name):
 
 @pytest.mark.parametrize("value_type", [aistack_core.ModelCard, aistack_core.Upstream, aistack_core.PluginManifest,
                                         aistack_core.Segment, aistack_core.TranscriptionOptions,
-                                        aistack_core.SpeechOptions])
+                                        aistack_core.SpeechOptions, aistack_core.DoctorCheck])
 def test_every_field_of_the_value_types_is_documented(value_type):
     missing = [field.name for field in attrs.fields(value_type) if not re.search(rf"\b{field.name}\b", DOCS)]
     assert not missing, f"{value_type.__name__} fields missing from docs/plugins.md: {missing}"
