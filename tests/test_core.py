@@ -717,6 +717,20 @@ def test_every_builtin_plugin_has_a_light_manifest():
     assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stdout + probe.stderr
 
 
+def test_readme_lists_every_builtin_plugin_setting():
+    import importlib
+
+    groups, _ = setup_cfg_entry_points()
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Plugin settings"):]
+    table = table[: table.index("\n## ")]
+    for name, target in groups["aistack.manifests"].items():
+        module, _, attribute = target.partition(":")
+        for setting in getattr(importlib.import_module(module), attribute).settings:
+            rows = [line for line in table.splitlines() if line.startswith(f"| `{name}` |")]
+            assert any(f"`{setting.name}`" in row for row in rows), f"README's plugin settings lack {setting.name}"
+
+
 def test_whisper_manifest_names_every_size_the_plugin_ranks():
     fw = pytest.importorskip("aistack_plugins.faster_whisper")
     from aistack_plugins import manifests
