@@ -7,7 +7,8 @@ always imports: a small attrs object in a module with no heavy imports,
 named by an entry point in the ``aistack.manifests`` group under the same
 name as the plugin's own entry point.  The loader reads it first, so
 
-* a request naming a model of a plugin whose extra is missing still answers with the install hint;
+* a request naming a model of a plugin whose extra is missing still
+  answers with the install hint;
 * ``aistack plugins`` and ``GET /-/plugins`` show the hint and the settings
   of a plugin that is skipped or disabled;
 * a plugin built for another plugin API is skipped before its module (and
@@ -63,7 +64,10 @@ class PluginSetting:
             raise ValueError(f"setting {self.name}: a {self.kind} setting cannot default to {self.default!r}")
 
     def read(self, config: "Config") -> Any:
-        return getattr(config, f"env_{self.kind}")(self.name, self.default)
+        default = self.default
+        if self.kind == "path" and isinstance(default, str):
+            default = Path(default).expanduser()
+        return getattr(config, f"env_{self.kind}")(self.name, default)
 
     def to_json(self) -> dict[str, Any]:
         default = str(self.default) if isinstance(self.default, Path) else self.default
@@ -89,10 +93,9 @@ class PluginManifest:
     :param install_hint: what makes the plugin importable, said as a
         command (``pip install aistack-energy-asr``).
     :param models: capability -> model ids and aliases the plugin can serve
-        (``{"asr": ("energy-vad",)}``).  Only
-        ids that a client may name before anything is installed belong here;
-        a request for one is answered with the install hint while the plugin
-        is not loaded.
+        (``{"asr": ("energy-vad",)}``).  Only ids that a client may name
+        before anything is installed belong here; a request for one is
+        answered with the install hint while the plugin is not loaded.
     :param settings: the environment variables it reads.
     :param api_version: the plugin API it was written for; the loader skips
         a plugin whose version differs from ``PLUGIN_API_VERSION``.
