@@ -26,7 +26,7 @@ OPENAI_TTS_IDS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # Registrations keyed by their ``name`` rather than a model card: kind -> (type, what it is called)
 NAMED_KINDS = {"upstream": (Upstream, "upstream"), "vad": (VadProvider, "voice activity detector")}
 # Names the gateway resolves before looking at the registry, so no backend may take them.
-RESERVED_NAMES = {"asr": (AUTO_ALIAS,), "tts": OPENAI_TTS_IDS}
+RESERVED_NAMES = {"asr": (AUTO_ALIAS, DIARIZE_ALIAS), "tts": OPENAI_TTS_IDS, "diarization": (DIARIZE_ALIAS,)}
 # hook name -> the table its registrations go to
 REGISTER_HOOKS = (
     ("register_asr_backends", "asr"),

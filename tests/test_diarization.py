@@ -113,8 +113,9 @@ def test_hook_register_diarization_backends():
         def register_diarization_backends(self, register, config):
             register(object())
 
-    plugins.register(DiarizerPlugin(first), name="good")
+    # pluggy calls the last registered first, so "good", registered after "clashing", keeps the id.
     plugins.register(DiarizerPlugin(clash), name="clashing")
+    plugins.register(DiarizerPlugin(first), name="good")
     plugins.register(NotABackend(), name="broken")
     registry = Registry.from_plugins(plugins, Config())
     assert registry.diarization["pitch-a"].backend is first

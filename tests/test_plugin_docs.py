@@ -68,14 +68,15 @@ def test_every_testing_helper_is_documented(name):
 
 @pytest.mark.parametrize("value_type", [aistack_core.ModelCard, aistack_core.Upstream, aistack_core.PluginManifest,
                                         aistack_core.Segment, aistack_core.TranscriptionOptions,
-                                        aistack_core.SpeechOptions, aistack_core.DoctorCheck])
+                                        aistack_core.SpeechOptions, aistack_core.DoctorCheck,
+                                        aistack_core.SpeakerTurn, aistack_core.DiarizationOptions])
 def test_every_field_of_the_value_types_is_documented(value_type):
     missing = [field.name for field in attrs.fields(value_type) if not re.search(rf"\b{field.name}\b", DOCS)]
     assert not missing, f"{value_type.__name__} fields missing from docs/plugins.md: {missing}"
 
 
 def test_every_protocol_member_is_documented():
-    for protocol in (aistack_core.AsrBackend, aistack_core.TtsBackend):
+    for protocol in (aistack_core.AsrBackend, aistack_core.TtsBackend, aistack_core.DiarizationBackend):
         members = [name for name in [*protocol.__annotations__, *vars(protocol)] if not name.startswith("_")]
         assert members
         missing = [name for name in members if f"{name}" not in DOCS]
