@@ -291,8 +291,7 @@ class Registry:
         if missing is not None:
             raise missing
         raise Malformed(
-            f"Unknown speech-to-text model {model!r}. Available: {self._available('asr')}.",
-            code="model_not_found", param="model",
+            f"Unknown speech-to-text model {model!r}. Available: {self._available('asr')}."
         )
 
     def pick_auto(self, language: str | None) -> Registered:
