@@ -81,7 +81,11 @@ class PluginSet:
         Raises ``ValueError`` when the plugin or its manifest targets another
         plugin API: the caller is code, and should hear about it at once.
         """
-        manifest = manifest or _manifest_of(plugin, name)
+        if manifest is None:
+            carried = getattr(plugin, MANIFEST_ATTRIBUTE, None)
+            # Registered under another name (an embedder's choice), it is not that plugin's record.
+            if isinstance(carried, PluginManifest) and carried.name == name:
+                manifest = carried
         problem = api_mismatch(name, manifest, plugin)
         if problem is not None:
             raise ValueError(problem)
