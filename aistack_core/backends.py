@@ -24,8 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import aiohttp
     import numpy
 
-CAPABILITIES = ("asr", "tts", "llm", "embeddings", "diarization")
-
 
 @attrs.frozen
 class ModelCard:

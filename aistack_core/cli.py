@@ -162,6 +162,8 @@ def _plugins(args: argparse.Namespace) -> int:
     for item in listing:
         dist = f"{item['distribution'] or '-'} {item['version'] or ''}".strip()
         detail = item["error"] if item["status"] != "loaded" else ", ".join(item["registered"]) or "-"
+        if item["status"] == "skipped" and item["install_hint"]:
+            detail += f" (install: {item['install_hint']})"
         rows.append((item["name"], item["status"], dist, detail))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:

@@ -1,8 +1,12 @@
-"""Every AISTACK_* setting, in one attrs object built from the environment.
+"""The gateway's AISTACK_* settings, in one attrs object built from the environment.
 
 ``Config.from_env()`` reads ``os.environ`` (or a given mapping); CLI flags
-and tests override fields with ``attrs.evolve``.  Third-party plugins read
-their own variables from ``config.env`` so they need no global state.
+and tests override fields with ``attrs.evolve``.  Only settings of the
+gateway itself are fields here.  A plugin reads its own variables from the
+same environment snapshot through the typed helpers (``config.env_str``,
+``env_bool``, ``env_int``, ``env_float``, ``env_path``) and declares them in
+its manifest, so the core knows no backend's settings and plugins need no
+global state.
 """
 
 from __future__ import annotations
@@ -17,17 +21,19 @@ import attrs
 
 from .devices import Device, parse_devices
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+# The one set of on/off words, for settings (parse_flag) and request fields (forms.parse_bool).
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
-def _flag(value: str | None, default: bool) -> bool:
+def parse_flag(value: str | None, default: bool) -> bool:
+    """The one on/off rule: 1/true/yes/on and 0/false/no/off, any case; blank is ``default``."""
     if value is None or value.strip() == "":
         return default
     lowered = value.strip().lower()
-    if lowered in _TRUE:
+    if lowered in TRUE_WORDS:
         return True
-    if lowered in _FALSE:
+    if lowered in FALSE_WORDS:
         return False
     raise ValueError(f"expected on/off, got {value!r}")
 
@@ -90,24 +96,15 @@ class Config:
     # Longer uploads are refused (413) from the container's length before any decoding.
     max_audio_min: float = attrs.field(default=240.0, validator=_positive_finite("AISTACK_MAX_AUDIO_MIN"))
     upload_dir: Path = attrs.field(factory=lambda: Path(tempfile.gettempdir()), converter=Path)
-    whisper_default: str | None = None
-    whisper_dir: Path | None = None
-    whisper_batched_above_s: float = 15.0
+    # May backends fetch weights they do not have?  One policy for every plugin.
     allow_downloads: bool = False
-    parakeet_model: str | None = None
-    parakeet_local_attention_above_s: float = 300.0
-    sensevoice_model: str | None = None
-    sensevoice_vad_model: str | None = None
     # Text-to-speech
     tts_default: str | None = None
     tts_voice_map: dict[str, str] = attrs.field(factory=dict)
-    piper_voices_dir: Path | None = None
     tts_cache_dir: Path = attrs.field(factory=lambda: _default_state_dir() / "tts-cache", converter=Path)
     tts_cache_ttl_min: float = 1440.0
     tts_cache_max_mb: int = 512
     # Upstreams
-    qwen3_tts_url: str = "http://127.0.0.1:17860"
-    ollama_url: str = "http://127.0.0.1:11434"
     probe_timeout_s: float = 0.5
     probe_cache_s: float = 2.0
     # Observability and access
@@ -130,28 +127,53 @@ class Config:
     realtime_max_buffer_s: float = 30.0
     realtime_partial_s: float = 1.0
     api_key: str | None = attrs.field(default=None, repr=False)
-    # Everything, for plugins' own settings
+    # The whole environment snapshot, for plugins' own settings (read through env_*).
     env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
-    def env_float(self, name: str, default: float) -> float:
-        """A plugin's own numeric setting from the environment snapshot."""
-        value = self.env.get(name, "").strip()
-        if not value:
-            return default
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    # --- typed access to plugins' own settings ------------------------------------
+    # Each returns ``default`` when the variable is unset or blank, and raises
+    # ValueError naming the variable when its value cannot be used: raised in a
+    # plugin's register hook, that marks the plugin skipped with this message.
 
-    def env_flag(self, name: str, default: bool | None) -> bool | None:
-        """A plugin's own on/off setting from the environment snapshot (unset: ``default``)."""
+    def _raw(self, name: str) -> str | None:
         value = self.env.get(name)
-        if value is None or not value.strip():
-            return default
+        return value.strip() if value is not None and value.strip() else None
+
+    def env_str(self, name: str, default: str | None = None) -> str | None:
+        value = self._raw(name)
+        return default if value is None else value
+
+    def env_bool(self, name: str, default: bool | None = False) -> bool | None:
+        """On/off by ``parse_flag``; ``default=None`` tells "unset" apart from "off"."""
         try:
-            return _flag(value, False)
+            return parse_flag(self.env.get(name), default)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
+
+    def env_int(self, name: str, default: int | None = None) -> int | None:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected a whole number, got {value!r}") from None
+
+    def env_float(self, name: str, default: float | None = None) -> float | None:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        return number
+
+    def env_path(self, name: str, default: Path | None = None) -> Path | None:
+        value = self._raw(name)
+        return default if value is None else Path(value).expanduser()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Config":
@@ -160,10 +182,6 @@ class Config:
         def get(name: str) -> str | None:
             value = env.get("AISTACK_" + name)
             return value if value is None or value.strip() != "" else None
-
-        def opt_path(name: str) -> Path | None:
-            value = get(name)
-            return Path(value).expanduser() if value else None
 
         kwargs: dict = {"env": env}
         simple = {
@@ -178,18 +196,10 @@ class Config:
             "MAX_UPLOAD_MB": ("max_upload_mb", int),
             "MAX_AUDIO_MIN": ("max_audio_min", float),
             "UPLOAD_DIR": ("upload_dir", Path),
-            "WHISPER_DEFAULT": ("whisper_default", str),
-            "WHISPER_BATCHED_ABOVE_S": ("whisper_batched_above_s", float),
-            "PARAKEET_MODEL": ("parakeet_model", str),
-            "PARAKEET_LOCAL_ATTENTION_ABOVE_S": ("parakeet_local_attention_above_s", float),
-            "SENSEVOICE_MODEL": ("sensevoice_model", str),
-            "SENSEVOICE_VAD_MODEL": ("sensevoice_vad_model", str),
             "TTS_DEFAULT": ("tts_default", str),
             "TTS_CACHE_DIR": ("tts_cache_dir", Path),
             "TTS_CACHE_TTL_MIN": ("tts_cache_ttl_min", float),
             "TTS_CACHE_MAX_MB": ("tts_cache_max_mb", int),
-            "QWEN3_TTS_URL": ("qwen3_tts_url", str),
-            "OLLAMA_URL": ("ollama_url", str),
             "PROBE_TIMEOUT_S": ("probe_timeout_s", float),
             "PROBE_CACHE_S": ("probe_cache_s", float),
             "OBS_LOG_DIR": ("obs_log_dir", Path),
@@ -219,14 +229,12 @@ class Config:
             ("OBS_PAYLOAD", "obs_payload", False),
         ):
             try:
-                kwargs[field] = _flag(env.get("AISTACK_" + var), default)
+                kwargs[field] = parse_flag(env.get("AISTACK_" + var), default)
             except ValueError as exc:
                 raise ValueError(f"AISTACK_{var}: {exc}") from None
         # An empty AISTACK_LOAD_PLUGINS means "load none", so read it raw.
         if "AISTACK_LOAD_PLUGINS" in env:
             kwargs["load_plugins"] = _csv(env["AISTACK_LOAD_PLUGINS"])
-        kwargs["whisper_dir"] = opt_path("WHISPER_DIR")
-        kwargs["piper_voices_dir"] = opt_path("PIPER_VOICES_DIR")
         kwargs["tts_voice_map"] = _mapping(get("TTS_VOICE_MAP"))
         kwargs["cors_allow_origins"] = _csv(get("CORS_ALLOW_ORIGINS")) or ()
         kwargs["preload"] = _csv(get("PRELOAD")) or ()

@@ -35,6 +35,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import RequestPayloadError
 
+from .config import FALSE_WORDS as _FALSE, TRUE_WORDS as _TRUE
 from .context import config_key
 from .errors import Malformed, Network, Overflow
 from .observe.capture import tee_request_body
@@ -56,8 +57,6 @@ MAX_INFLATED_UNKNOWN_LENGTH = 64 * 1024 * 1024
 # also ends a chunked body whose framing broke mid-way, which aiohttp's
 # parser reports to nobody.
 BODY_IDLE_TIMEOUT_S = 30.0
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
 _SAFE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}$")
 
 KINDS = ("str", "bool", "float", "int", "enum", "list", "json")

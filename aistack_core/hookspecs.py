@@ -4,6 +4,14 @@ Plugins write ``from aistack_core import hookimpl`` and decorate functions
 named after the specs below.  Every ``register_*`` hook receives a
 ``register`` callback instead of returning a list, so the core can check
 each registration as it happens and remember which plugin made it.
+
+Implementations run in pluggy's call order (``tryfirst`` ones first,
+``trylast`` ones last, the rest last-registered first; entry points are
+registered so that those run in name order).  Where two plugins claim the
+same model id, the one called first keeps it.  A plugin's registrations
+are all or nothing: if one is refused or its hook raises, everything it
+registered is withdrawn and the plugin is listed as skipped with the reason.
+The full guide is docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ def register_asr_backends(register: "Callable[[AsrBackend], None]", config: "Con
 
     :param register: call once per backend with an object satisfying
         :class:`aistack_core.backends.AsrBackend`.  Registering an id or alias
-        that another plugin already holds raises ``ValueError`` naming both.
+        that another plugin already holds raises ``ValueError`` naming both
+        (and skips this plugin).
     :param config: the server's settings; read plugin-specific variables
-        from ``config.env``.
+        with ``config.env_str`` / ``env_bool`` / ``env_int`` / ``env_float``
+        / ``env_path`` (or a manifest's ``PluginSetting.read``).
 
     Import the backend's heavy library at the top of the plugin module: a
     module that fails to import is recorded as skipped and never called.

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 
 from .backends import AsrBackend, DiarizationBackend, ModelCard, TtsBackend, Upstream, VadProvider, backend_unavailable
 from .config import Config
-from .errors import Malformed, Network
-from .languages import language_code
+from .errors import Malformed
+from .helpers import normalize_language
 from .plugins import PluginSet
 
 log = logging.getLogger("aistack.registry")
@@ -19,29 +19,25 @@ AUTO_ALIAS = "auto"
 # OpenAI's diarizing transcription model: here the best installed speech-to-text
 # backend (as ``auto`` picks it) plus the best installed diarizer.
 DIARIZE_ALIAS = "gpt-4o-transcribe-diarize"
-DIARIZE_EXTRA = "diarize"
+# OpenAI-style error code of every "that model is not installed here" answer.
+NOT_INSTALLED_CODE = "model_not_installed"
+# OpenAI's own TTS ids: served by the configured in-process default, else the upstream.
+OPENAI_TTS_IDS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+# Registrations keyed by their ``name`` rather than a model card: kind -> (type, what it is called)
+NAMED_KINDS = {"upstream": (Upstream, "upstream"), "vad": (VadProvider, "voice activity detector")}
+# Names the gateway resolves before looking at the registry, so no backend may take them.
+RESERVED_NAMES = {"asr": (AUTO_ALIAS, DIARIZE_ALIAS), "tts": OPENAI_TTS_IDS, "diarization": (DIARIZE_ALIAS,)}
+# hook name -> the table its registrations go to
+REGISTER_HOOKS = (
+    ("register_asr_backends", "asr"),
+    ("register_tts_backends", "tts"),
+    ("register_upstreams", "upstream"),
+    ("register_diarization_backends", "diarization"),
+    ("register_vad", "vad"),
+)
 # OpenAI's newer speech-to-text ids: here they mean ``auto`` (the best local
 # backend for the language).
 OPENAI_AUTO_ASR_IDS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
-
-# Model ids from the public contract that belong to optional extras.  The core
-# knows them only as data, so a request for one whose plugin is missing gets an
-# actionable 503 ("install aistack[parakeet]") instead of "unknown model".
-_WHISPER_SIZES = (
-    "tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium", "medium.en",
-    "large", "large-v1", "large-v2", "large-v3", "large-v3-turbo", "turbo", "distil-large-v3",
-)
-KNOWN_MODEL_EXTRAS: dict[str, tuple[str, str]] = {
-    # model id -> (capability, extra)
-    "parakeet": ("asr", "parakeet"),
-    "nvidia/parakeet-tdt-0.6b-v3": ("asr", "parakeet"),
-    "sensevoice": ("asr", "sensevoice"),
-    "iic/sensevoicesmall": ("asr", "sensevoice"),
-    "whisper-1": ("asr", "whisper"),
-    **{f"whisper-{size}": ("asr", "whisper") for size in _WHISPER_SIZES},
-    **{size: ("asr", "whisper") for size in _WHISPER_SIZES},
-}
-OPENAI_TTS_IDS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # OpenAI's speech-to-text ids that GET /v1/models lists as routing aliases
 # (whisper-1 is claimed by the backend that stands for it).
 OPENAI_ASR_IDS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
@@ -57,20 +53,25 @@ class Registered:
         return self.backend.card
 
 
-def normalize_language(language: str | None, *, strict: bool = False) -> str | None:
-    """``"en-US"``, ``"English"`` → ``"en"``; empty or ``auto`` → None.
-
-    ``strict`` refuses an unknown value with a 400 listing the accepted forms
-    (the table is :mod:`aistack_core.languages`); otherwise it passes through
-    as its primary subtag.
-    """
-    return language_code(language, strict=strict)
-
-
 def is_auto(model: str | None) -> bool:
     """Whether ``model`` asks for the ``auto`` routing (empty, ``auto`` or an OpenAI id meaning it)."""
     name = (model or "").strip().lower()
     return name in ("", AUTO_ALIAS, *OPENAI_AUTO_ASR_IDS)
+
+
+class RegistrationError(ValueError):
+    """A registration the registry refuses (a clash, a wrong type); rolls back the plugin's batch."""
+
+
+@attrs.define
+class _Batch:
+    """What one plugin registers during one hook call; it lands only if all of it is accepted."""
+
+    plugin: str
+    capability: str
+    entries: list[tuple[str, Registered, tuple[str, ...]]] = attrs.field(factory=list)  # (key, entry, names)
+    error: str | None = None
+    open: bool = True
 
 
 @attrs.define
@@ -88,94 +89,133 @@ class Registry:
 
     @classmethod
     def from_plugins(cls, plugins: PluginSet, config: Config) -> "Registry":
+        """Call every ``register_*`` hook implementation, in pluggy's call order.
+
+        pluggy calls implementations last-registered first, with ``tryfirst``
+        ones before and ``trylast`` ones after the rest; ``get_hookimpls()``
+        lists them in the reverse of that, so we walk it backwards.  Each
+        implementation is called on its own so its registrations can be
+        checked and attributed.  A plugin whose hook raises or registers
+        something refused is skipped as a whole: what it registered in this
+        and earlier hooks is withdrawn, and its later hooks are not called.
+        """
         registry = cls(plugins=plugins)
-        hooks = (
-            ("register_asr_backends", registry.add_asr),
-            ("register_tts_backends", registry.add_tts),
-            ("register_upstreams", registry.add_upstream),
-            ("register_diarization_backends", registry.add_diarization),
-            ("register_vad", registry.add_vad),
-        )
-        for hook_name, add in hooks:
+        for record in plugins.records.values():
+            record.registered = []
+        for hook_name, capability in REGISTER_HOOKS:
             caller = getattr(plugins.manager.hook, hook_name)
-            for impl in caller.get_hookimpls():
-                registry._call_one(plugins, impl, add, config)
+            for impl in reversed(caller.get_hookimpls()):
+                if not plugins.manager.has_plugin(impl.plugin_name):
+                    continue  # skipped by an earlier hook of this loop
+                registry._call_one(plugins, impl, capability, config)
         registry.tts_default = registry._pick_tts_default(config)
         return registry
 
-    def _call_one(self, plugins: PluginSet, impl, add: Callable[[Any, str], None], config: Config) -> None:
-        record = plugins.record_for(impl.plugin_name)
-        arguments = {"register": lambda obj: add(obj, impl.plugin_name), "config": config}
-        try:
-            impl.function(**{name: arguments[name] for name in impl.argnames})
-        except Exception as exc:  # noqa: BLE001 - one plugin's bug must not stop the others
-            record.status = "skipped"
-            record.error = f"{impl.function.__name__} failed: {type(exc).__name__}: {exc}"
-            log.warning("plugin %s: %s", impl.plugin_name, record.error)
-
-    def _claim(self, capability: str, names: tuple[str, ...], owner_id: str, plugin: str) -> None:
-        for name in names:
-            key = (capability, name.lower())
-            if key in self._names:
-                holder_id = self._names[key]
-                holder = self._holder_plugin(capability, holder_id)
-                raise ValueError(
-                    f"{capability} model id {name!r} from plugin {plugin!r} is already registered "
-                    f"by plugin {holder!r}"
-                )
-        for name in names:
-            self._names[(capability, name.lower())] = owner_id
-
-    def _holder_plugin(self, capability: str, model_id: str) -> str:
-        entry = self._table(capability).get(model_id)
-        return entry.plugin if entry else "?"
-
-    def _add(self, table: dict[str, Registered], capability: str, backend: Any, plugin: str) -> None:
-        card = backend.card
-        self._claim(capability, (card.id, *card.aliases), card.id, plugin)
-        table[card.id] = Registered(backend, plugin)
-        if self.plugins is not None:
-            self.plugins.record_for(plugin).registered.append(f"{capability}:{card.id}")
-
-    def add_asr(self, backend: AsrBackend, plugin: str) -> None:
-        if not isinstance(backend, AsrBackend):
-            raise TypeError(f"plugin {plugin!r} registered {backend!r}, which is not an AsrBackend")
-        self._add(self.asr, "asr", backend, plugin)
-
-    def add_tts(self, backend: TtsBackend, plugin: str) -> None:
-        if not isinstance(backend, TtsBackend):
-            raise TypeError(f"plugin {plugin!r} registered {backend!r}, which is not a TtsBackend")
-        self._add(self.tts, "tts", backend, plugin)
-
-    def add_diarization(self, backend: DiarizationBackend, plugin: str) -> None:
-        if not isinstance(backend, DiarizationBackend):
-            raise TypeError(f"plugin {plugin!r} registered {backend!r}, which is not a DiarizationBackend")
-        self._add(self.diarization, "diarization", backend, plugin)
+    def _call_one(self, plugins: PluginSet, impl, capability: str, config: Config) -> None:
+        batch = _Batch(impl.plugin_name, capability)
+        if impl.hookwrapper or impl.wrapper:
+            batch.error = f"{impl.function.__name__}: hook wrappers are not supported on register_* hooks"
+        else:
+            arguments = {"register": lambda obj: self._stage(batch, obj), "config": config}
+            try:
+                impl.function(**{name: arguments[name] for name in impl.argnames})
+            except Exception as exc:  # noqa: BLE001 - one plugin's bug must not stop the others
+                if batch.error is None:
+                    batch.error = f"{impl.function.__name__} failed: {type(exc).__name__}: {exc}"
+            finally:
+                batch.open = False
+        if batch.error is not None:
+            self._withdraw(batch.plugin)
+            plugins.skip(batch.plugin, batch.error)
+            return
+        self._commit(batch)
 
     def _table(self, capability: str) -> dict[str, Registered]:
-        return {"asr": self.asr, "tts": self.tts, "diarization": self.diarization}.get(capability, self.upstreams)
+        """The in-process table of ``capability``; anything else (``upstream``, ``llm``) is an upstream."""
+        tables = {"asr": self.asr, "tts": self.tts, "diarization": self.diarization, "vad": self.vad}
+        return tables.get(capability, self.upstreams)
 
-    def add_upstream(self, upstream: Upstream, plugin: str) -> None:
-        if upstream.name in self.upstreams:
-            raise ValueError(
-                f"upstream {upstream.name!r} from plugin {plugin!r} is already registered by plugin "
-                f"{self.upstreams[upstream.name].plugin!r}"
-            )
-        self.upstreams[upstream.name] = Registered(upstream, plugin)
-        if self.plugins is not None:
-            self.plugins.record_for(plugin).registered.append(f"upstream:{upstream.name}")
+    def _stage(self, batch: _Batch, obj: Any) -> None:
+        """The ``register`` callback: check one registration and hold it in the batch."""
+        try:
+            if not batch.open:
+                raise RegistrationError(
+                    f"plugin {batch.plugin!r} called register after its hook returned; register inside the hook"
+                )
+            try:
+                batch.entries.append(self._check(batch, obj))
+            except RegistrationError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a malformed object (card without an id, ...) is refused too
+                raise RegistrationError(
+                    f"plugin {batch.plugin!r} registered {obj!r}, which cannot be used: {type(exc).__name__}: {exc}"
+                ) from exc
+        except RegistrationError as exc:
+            if batch.error is None:  # the first refusal is the reason, even if the plugin swallows it
+                batch.error = str(exc)
+            raise
 
-    def add_vad(self, provider: VadProvider, plugin: str) -> None:
-        if not isinstance(provider, VadProvider):
-            raise TypeError(f"plugin {plugin!r} registered {provider!r}, which is not a VadProvider")
-        if provider.name in self.vad:
-            raise ValueError(
-                f"voice activity detector {provider.name!r} from plugin {plugin!r} is already registered by "
-                f"plugin {self.vad[provider.name].plugin!r}"
-            )
-        self.vad[provider.name] = Registered(provider, plugin)
-        if self.plugins is not None:
-            self.plugins.record_for(plugin).registered.append(f"vad:{provider.name}")
+    def _check(self, batch: _Batch, obj: Any) -> tuple[str, Registered, tuple[str, ...]]:
+        capability, plugin = batch.capability, batch.plugin
+        if capability in NAMED_KINDS:
+            kind, what = NAMED_KINDS[capability]
+            if not isinstance(obj, kind):
+                raise RegistrationError(f"plugin {plugin!r} registered {obj!r}, which is not a {kind.__name__}")
+            key, names = obj.name, (obj.name.lower(),)
+            taken = {name.lower(): entry.plugin for name, entry in self._table(capability).items()}
+        else:
+            protocol = {"asr": AsrBackend, "tts": TtsBackend, "diarization": DiarizationBackend}[capability]
+            if not isinstance(obj, protocol):
+                raise RegistrationError(f"plugin {plugin!r} registered {obj!r}, which is not a {protocol.__name__}")
+            key, what = obj.card.id, f"{capability} model id"
+            given = (obj.card.id, *obj.card.aliases)
+            if not all(isinstance(name, str) and name.strip() == name and name for name in given):
+                raise RegistrationError(
+                    f"plugin {plugin!r} registered {what}s {given!r}: each must be a non-empty string "
+                    f"without surrounding spaces"
+                )
+            names = tuple(dict.fromkeys(name.lower() for name in given))
+            reserved = sorted(set(names) & set(RESERVED_NAMES.get(capability, ())))
+            if reserved:
+                raise RegistrationError(
+                    f"plugin {plugin!r} registered {what} {reserved[0]!r}, which the gateway itself answers "
+                    f"(it would never reach the plugin)"
+                )
+            table = self._table(capability)
+            taken = {name: table[model_id].plugin for (cap, name), model_id in self._names.items() if cap == capability}
+        for _, _, staged in batch.entries:
+            taken.update(dict.fromkeys(staged, plugin))
+        for name in names:
+            if name in taken:
+                raise RegistrationError(
+                    f"{what} {name!r} from plugin {plugin!r} is already registered by plugin {taken[name]!r}"
+                )
+        return key, Registered(obj, plugin), names
+
+    def _commit(self, batch: _Batch) -> None:
+        table = self._table(batch.capability)
+        record = self.plugins.record_for(batch.plugin) if self.plugins is not None else None
+        for key, entry, names in batch.entries:
+            table[key] = entry
+            if batch.capability not in NAMED_KINDS:
+                for name in names:
+                    self._names[(batch.capability, name)] = key
+            if record is not None:
+                record.registered.append(f"{batch.capability}:{key}")
+
+    def _withdraw(self, plugin: str) -> None:
+        """Remove everything ``plugin`` registered in earlier hooks."""
+        for capability in ("asr", "tts", "diarization", *NAMED_KINDS):
+            table = self._table(capability)
+            for key in [key for key, entry in table.items() if entry.plugin == plugin]:
+                del table[key]
+        self._names = {
+            (capability, name): model_id
+            for (capability, name), model_id in self._names.items()
+            if model_id in self._table(capability)
+        }
+        if self.plugins is not None and plugin in self.plugins.records:
+            self.plugins.records[plugin].registered = []
 
     def vad_provider(self) -> VadProvider | None:
         """The detector server-side turn detection uses: the first registered, else None."""
@@ -195,30 +235,42 @@ class Registry:
 
     # --- resolving --------------------------------------------------------------
 
-    def _not_installed(self, capability: str, model: str) -> Exception | None:
-        known = KNOWN_MODEL_EXTRAS.get(model.lower())
-        if not known or known[0] != capability:
+    def _not_installed(self, capability: str, model: str) -> Malformed | None:
+        """An actionable 400 for an id a plugin's manifest claims, when nothing serves it here.
+
+        Permanent until the operator acts, so a client must not retry it.
+        """
+        if self.plugins is None:
             return None
-        extra = known[1]
-        reason = ""
-        if self.plugins is not None:
-            plugin_names = {"whisper": "faster_whisper"}
-            record = self.plugins.records.get(plugin_names.get(extra, extra))
-            if record is not None and record.status != "loaded":
-                reason = f" (plugin {record.name} is {record.status}: {record.error})"
-            elif record is not None:
-                # Permanent until the operator installs something: a 400, so clients do not retry.
+        for record in sorted(self.plugins.records.values(), key=lambda r: r.name):
+            manifest = record.manifest
+            if manifest is None or not manifest.serves(capability, model):
+                continue
+            if record.status == "loaded":
                 return Malformed(
-                    f"Model {model!r} is not installed: its plugin {record.name} is loaded but has no copy of "
-                    f"this model. Use one listed by GET /v1/models, or allow downloads with "
-                    f"AISTACK_ALLOW_DOWNLOADS=on (pip install 'aistack[{extra}]' provides the backend).",
-                    param="model", code="model_not_installed",
+                    f"Model {model!r} is not available locally: its plugin {record.name} is loaded but has "
+                    f"no copy of this model. Use one listed by GET /v1/models, or allow downloads with "
+                    f"AISTACK_ALLOW_DOWNLOADS=on.",
+                    code=NOT_INSTALLED_CODE, param="model",
                 )
-        return Malformed(
-            f"Model {model!r} needs the {extra} backend, which is not installed{reason}. "
-            f"Install it with: pip install 'aistack[{extra}]'",
-            param="model", code="model_not_installed",
-        )
+            if record.status == "disabled":
+                return Malformed(
+                    f"Model {model!r} is served by plugin {record.name}, which is disabled on this server "
+                    f"(not in AISTACK_LOAD_PLUGINS).",
+                    code=NOT_INSTALLED_CODE, param="model",
+                )
+            hint = f" Install it with: {manifest.install_hint}" if manifest.install_hint else ""
+            return Malformed(
+                f"Model {model!r} needs the {record.name} plugin, which is not installed "
+                f"(plugin {record.name} is {record.status}: {record.error}).{hint}",
+                code=NOT_INSTALLED_CODE, param="model",
+            )
+        return None
+
+    def _install_hints(self, capability: str) -> list[str]:
+        if self.plugins is None:
+            return []
+        return [m.install_hint for m in self.plugins.manifests() if m.install_hint and m.models.get(capability)]
 
     def _available(self, capability: str) -> str:
         ids = sorted(self._table(capability))
@@ -258,10 +310,9 @@ class Registry:
     def pick_auto(self, language: str | None) -> Registered:
         """The ``auto`` alias: the preferred backend for the language, else the best that can do it."""
         if not self.asr:
-            raise Network(
-                "No speech-to-text backend is installed. Install one with: pip install 'aistack[whisper]'",
-                code="no_backend",
-            )
+            hints = self._install_hints("asr")
+            how = f"Install one with: {' or '.join(hints)}" if hints else "Install a plugin that registers one"
+            raise Malformed(f"No speech-to-text backend is installed. {how}.", code=NOT_INSTALLED_CODE, param="model")
         lang = normalize_language(language)
         ranked = sorted(self.asr.values(), key=lambda r: (r.card.auto_priority, r.card.id))
         # Skip backends that cannot serve now; if none can, the best one's own error explains why.
@@ -299,15 +350,19 @@ class Registry:
         if name and name.lower() != DIARIZE_ALIAS:
             found = self.find("diarization", name)
             if found is None:
+                missing = self._not_installed("diarization", name)
+                if missing is not None:
+                    raise missing
                 raise Malformed(
                     f"Unknown diarization model {name!r}. Available: {self._available('diarization')}.",
                     param="diarization_model", code="model_not_found",
                 )
             return found
         if not self.diarization:
+            hints = self._install_hints("diarization")
+            how = f"Install one with: {' or '.join(hints)}" if hints else "Install a plugin that registers one"
             raise Malformed(
-                "Speaker diarization needs a diarization backend, and none is installed. "
-                f"Install one with: pip install 'aistack[{DIARIZE_EXTRA}]'",
+                f"Speaker diarization needs a diarization backend, and none is installed. {how}.",
                 param="response_format", code="diarization_not_installed",
             )
         ranked = sorted(self.diarization.values(), key=lambda r: (r.card.auto_priority, r.card.id))

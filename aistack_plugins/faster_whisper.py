@@ -54,7 +54,15 @@ from aistack_core import (
     TranscriptionOptions,
     Word,
     hookimpl,
+    is_out_of_memory,
+    normalize_language,
+    sentence_groups,
 )
+
+from .manifests import FASTER_WHISPER, WHISPER_BATCHED_ABOVE_S, WHISPER_DEFAULT, WHISPER_DIR
+
+# Found by the loader and by in-memory registration (tests); the entry point names it too.
+AISTACK_MANIFEST = FASTER_WHISPER
 
 log = logging.getLogger("aistack.plugins.faster_whisper")
 
@@ -495,10 +503,6 @@ def _pack_speech(
         yield chunk
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return "out of memory" in str(exc).lower()
-
-
 def _word(word: Any) -> Word:
     return Word(
         start=float(word.start),
@@ -506,11 +510,6 @@ def _word(word: Any) -> Word:
         word=word.word.strip(),
         probability=None if word.probability is None else float(word.probability),
     )
-
-
-SENTENCE_ENDS = (".", "!", "?", "。", "！", "？", "…")
-# A pause this long inside a chunk starts a new segment even without punctuation.
-SENTENCE_PAUSE_S = 1.5
 
 
 def _segment(
@@ -542,23 +541,6 @@ def _segment(
     )
 
 
-def sentence_runs(words: list[Any]) -> list[list[Any]]:
-    """Split a chunk's words where a sentence ends or the speaker pauses."""
-    runs: list[list[Any]] = []
-    current: list[Any] = []
-    for word in words:
-        if current and word.start - current[-1].end > SENTENCE_PAUSE_S:
-            runs.append(current)
-            current = []
-        current.append(word)
-        if word.word.strip().endswith(SENTENCE_ENDS):
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return runs
-
-
 def aistack_segments(
     raw: Iterable[Any], cancel: CancelToken, split_sentences: bool = False, provider: str = PROVIDER,
     tokens_of: Callable[[str], list[int]] | None = None,
@@ -580,7 +562,7 @@ def aistack_segments(
             except StopIteration:
                 return
             except RuntimeError as exc:
-                if _is_out_of_memory(exc):
+                if is_out_of_memory(exc):
                     raise Overflow(
                         f"Out of memory while decoding: {exc}. Try a smaller Whisper model or shorter audio.",
                         provider=provider,
@@ -589,7 +571,7 @@ def aistack_segments(
             if split_sentences and segment.words:
                 pieces = [
                     _segment(index + n, segment, run, tokens_of)
-                    for n, run in enumerate(sentence_runs(segment.words))
+                    for n, run in enumerate(sentence_groups(segment.words))
                 ]
             else:
                 pieces = [_segment(index, segment)]
@@ -670,7 +652,7 @@ class FasterWhisperBackend:
                 choice = attrs.evolve(choice, compute_type="default")
                 model = WhisperModel(location, compute_type=choice.compute_type, **where)
         except RuntimeError as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise Overflow(
                     f"Not enough memory to load {self.card.id}: {exc}. Try a smaller Whisper model.",
                     provider=PROVIDER,
@@ -682,7 +664,7 @@ class FasterWhisperBackend:
     # -- transcribe ----------------------------------------------------------------
 
     def _language(self, options: TranscriptionOptions) -> str | None:
-        requested = (options.language or "").strip().lower().replace("_", "-").split("-")[0] or None
+        requested = normalize_language(options.language)
         if self.english_only:
             if requested not in (None, "en"):
                 raise Malformed(
@@ -817,15 +799,15 @@ def build_backends(
 ) -> list[FasterWhisperBackend]:
     """Backends for every size found; ``hf_cache_dir`` and ``allow_downloads`` override for tests."""
     sources = discover_sources(
-        whisper_dir=config.whisper_dir,
+        whisper_dir=WHISPER_DIR.read(config),
         allow_downloads=downloads_possible(config) if allow_downloads is None else allow_downloads,
         hf_cache_dir=hf_cache_dir,
         bundled_dir=bundled_model_dir(),
     )
-    cards = build_cards(sources, config.whisper_default)
+    cards = build_cards(sources, WHISPER_DEFAULT.read(config))
     by_size = {source.size: source for source in sources}
     backends = [
-        FasterWhisperBackend(card, by_size[size], config.whisper_batched_above_s) for size, card in cards.items()
+        FasterWhisperBackend(card, by_size[size], WHISPER_BATCHED_ABOVE_S.read(config)) for size, card in cards.items()
     ]
     return sorted(backends, key=lambda backend: backend.card.auto_priority)
 

@@ -12,13 +12,11 @@ whose memory is short, the core calls ``release_memory``, which asks Ollama
 request still using a model is done).
 
 ``AISTACK_OLLAMA_URL`` may name several daemons, comma-separated; requests
-go to the first one that is reachable.  Settings beyond the URL, read from
-``config.env``:
-``AISTACK_OLLAMA_CONNECT_TIMEOUT_S`` (default 5),
-``AISTACK_OLLAMA_READ_TIMEOUT_S`` (default 600),
-``AISTACK_OLLAMA_DEVICES`` (the gateway devices Ollama's work runs on:
-``cuda:0,cuda:1``, ``all`` or ``none``; default all when the URL is on this
-machine, none otherwise).
+go to the first one that is reachable.  Its settings (``AISTACK_OLLAMA_URL``,
+``..._CONNECT_TIMEOUT_S``, ``..._READ_TIMEOUT_S``, ``..._DEVICES``: the gateway
+devices Ollama's work runs on, ``cuda:0,cuda:1``, ``all`` or ``none``; default
+all when the URL is on this machine, none otherwise) are declared in
+``manifests.OLLAMA``.
 """
 
 from __future__ import annotations
@@ -32,6 +30,11 @@ import aiohttp
 from aistack_core import Config, ModelCard, Upstream, hookimpl, parse_device_names, runs_on_this_machine, upstream_urls
 
 log = logging.getLogger("aistack.plugins.ollama")
+
+from .manifests import OLLAMA, OLLAMA_CONNECT_TIMEOUT_S, OLLAMA_DEVICES, OLLAMA_READ_TIMEOUT_S, OLLAMA_URL
+
+# Found by the loader and by in-memory registration (tests); the entry point names it too.
+AISTACK_MANIFEST = OLLAMA
 
 PROVIDER = "Ollama"
 DEFAULT_KEEP_ALIVE = "30s"
@@ -139,7 +142,7 @@ def make_release_memory(urls: tuple[str, ...]) -> Callable[[aiohttp.ClientSessio
 def make_upstream(config: Config) -> Upstream:
     # AISTACK_OLLAMA_URL may list several daemons (comma-separated): the core
     # sends each request to the first reachable one.
-    urls = upstream_urls(config.ollama_url)
+    urls = upstream_urls(OLLAMA_URL.read(config))
     return Upstream(
         name="ollama",
         capability="llm",
@@ -151,14 +154,14 @@ def make_upstream(config: Config) -> Upstream:
             f"Ollama is not reachable at {', '.join(urls)}. Start it with: ollama serve "
             f"(or point AISTACK_OLLAMA_URL at where it runs)"
         ),
-        connect_timeout=config.env_float("AISTACK_OLLAMA_CONNECT_TIMEOUT_S", 5.0),
-        read_timeout=config.env_float("AISTACK_OLLAMA_READ_TIMEOUT_S", 600.0),
+        connect_timeout=OLLAMA_CONNECT_TIMEOUT_S.read(config),
+        read_timeout=OLLAMA_READ_TIMEOUT_S.read(config),
         rewrite_json=default_keep_alive,
         evict_before=("asr",),
         timeout_status=504,
         # An Ollama on another machine computes there: no local slot, nothing to evict here.
         uses_local_gpu=any(runs_on_this_machine(url) for url in urls),
-        devices=parse_device_names(config.env.get("AISTACK_OLLAMA_DEVICES")),
+        devices=parse_device_names(OLLAMA_DEVICES.read(config)),
         release_memory=make_release_memory(urls),
     )
 

@@ -42,7 +42,12 @@ import attrs
 
 from aistack_core import Config, ModelCard, Upstream, hookimpl, runs_on_this_machine, upstream_urls
 
-UPSTREAMS_VARIABLE = "AISTACK_OPENAI_UPSTREAMS"
+from .manifests import OPENAI_COMPATIBLE, OPENAI_CONNECT_TIMEOUT_S, OPENAI_READ_TIMEOUT_S, OPENAI_UPSTREAMS
+
+# Found by the loader and by in-memory registration (tests); the entry point names it too.
+AISTACK_MANIFEST = OPENAI_COMPATIBLE
+
+UPSTREAMS_VARIABLE = OPENAI_UPSTREAMS.name
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PAIR = re.compile(r"(?P<name>[^=/:]+)=(?P<url>https?://.*)")
@@ -128,9 +133,9 @@ def make_probe(provider: str, auth_headers: tuple[tuple[str, str], ...]):
 
 
 def make_upstream(setting: EngineSetting, config: Config) -> Upstream:
-    api_key = config.env.get(setting.variable_prefix + "_API_KEY", "").strip()
+    api_key = config.env_str(setting.variable_prefix + "_API_KEY")
     auth_headers = (("Authorization", f"Bearer {api_key}"),) if api_key else ()
-    local = config.env_flag(setting.variable_prefix + "_LOCAL", None)
+    local = config.env_bool(setting.variable_prefix + "_LOCAL", None)
     return Upstream(
         name=setting.name,
         capability="llm",
@@ -142,8 +147,8 @@ def make_upstream(setting: EngineSetting, config: Config) -> Upstream:
             f"The OpenAI-compatible server {setting.name!r} is not reachable at {', '.join(setting.urls)}. "
             f"Start it (vLLM: vllm serve <model> --port 8000) or correct {UPSTREAMS_VARIABLE}"
         ),
-        connect_timeout=config.env_float("AISTACK_OPENAI_CONNECT_TIMEOUT_S", 5.0),
-        read_timeout=config.env_float("AISTACK_OPENAI_READ_TIMEOUT_S", 600.0),
+        connect_timeout=OPENAI_CONNECT_TIMEOUT_S.read(config),
+        read_timeout=OPENAI_READ_TIMEOUT_S.read(config),
         # These engines reserve their GPU memory when they start: evicting
         # the gateway's models before each request would free nothing for them.
         evict_before=(),
@@ -157,5 +162,5 @@ def make_upstream(setting: EngineSetting, config: Config) -> Upstream:
 
 @hookimpl
 def register_upstreams(register: Callable[[Upstream], None], config: Config) -> None:
-    for setting in parse_upstreams(config.env.get(UPSTREAMS_VARIABLE)):
+    for setting in parse_upstreams(OPENAI_UPSTREAMS.read(config)):
         register(make_upstream(setting, config))

@@ -47,9 +47,17 @@ from aistack_core import (
     Transcription,
     TranscriptionOptions,
     Word,
+    clamp_words,
     hookimpl,
+    is_out_of_memory,
+    normalize_language,
+    sentence_segments,
 )
-from aistack_core.media.segments import clamp_words, sentence_segments
+
+from .manifests import PARAKEET, PARAKEET_LOCAL_ATTENTION_ABOVE_S, PARAKEET_MODEL
+
+# Found by the loader and by in-memory registration (tests); the entry point names it too.
+AISTACK_MANIFEST = PARAKEET
 
 log = logging.getLogger("aistack.plugins.parakeet")
 
@@ -115,7 +123,7 @@ def hub_cache_file(repo_id: str, cache_dir: Path | None = None) -> Path | None:
 
 def resolve_weights(config: Config) -> Path | str:
     """A local ``.nemo`` path, or the hub id when NeMo may download it."""
-    name = (config.parakeet_model or MODEL_ID).strip()
+    name = PARAKEET_MODEL.read(config) or MODEL_ID
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -207,10 +215,6 @@ def _word(entry: dict) -> Word:
     return Word(start=float(entry["start"]), end=float(entry["end"]), word=str(entry["word"]).strip())
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 # --- windows ----------------------------------------------------------------------
 
 
@@ -256,7 +260,7 @@ class ParakeetBackend:
 
     @property
     def local_attention_above_s(self) -> float:
-        return self.config.parakeet_local_attention_above_s
+        return PARAKEET_LOCAL_ATTENTION_ABOVE_S.read(self.config)
 
     def unavailable(self) -> str | None:
         """Why this model cannot serve now (no local weights), or None; cheap file checks only."""
@@ -280,7 +284,7 @@ class ParakeetBackend:
             else:
                 model = ASRModel.from_pretrained(source, map_location=location)
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise Overflow(
                     "Not enough GPU memory to load Parakeet; free the GPU or use a smaller Whisper model.",
                     provider=PROVIDER,
@@ -294,8 +298,8 @@ class ParakeetBackend:
         return LoadedParakeet(model, device_name)
 
     def _language(self, options: TranscriptionOptions) -> str:
-        requested = (options.language or "").strip().lower().replace("_", "-").split("-")[0]
-        if not requested or requested == "auto":
+        requested = normalize_language(options.language)
+        if requested is None:
             return UNKNOWN_LANGUAGE
         if requested not in LANGUAGES:
             raise Malformed(
@@ -333,7 +337,7 @@ class ParakeetBackend:
             try:
                 words = model.words(window, local_attention=local)
             except Exception as exc:
-                if _is_out_of_memory(exc):
+                if is_out_of_memory(exc):
                     raise Overflow(
                         f"Parakeet ran out of memory on {len(window) / SAMPLE_RATE:.0f} s of audio; lower "
                         f"AISTACK_PARAKEET_LOCAL_ATTENTION_ABOVE_S or send shorter audio.",

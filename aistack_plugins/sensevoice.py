@@ -48,7 +48,14 @@ from aistack_core import (
     Transcription,
     TranscriptionOptions,
     hookimpl,
+    is_out_of_memory,
+    normalize_language,
 )
+
+from .manifests import SENSEVOICE, SENSEVOICE_MODEL, SENSEVOICE_VAD_MODEL
+
+# Found by the loader and by in-memory registration (tests); the entry point names it too.
+AISTACK_MANIFEST = SENSEVOICE
 
 
 @contextlib.contextmanager
@@ -230,10 +237,6 @@ class LoadedSenseVoice:
         return RichText.parse(results[0].get("text", "") if results else "")
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 # --- the backend ------------------------------------------------------------------
 
 
@@ -242,20 +245,24 @@ class SenseVoiceBackend:
     config: Config
     card: ModelCard = CARD
 
+    def _model_sources(self) -> tuple[str, str]:
+        """Where SenseVoice and its VAD load from (local folders, or hub ids when downloads are allowed)."""
+        allow = self.config.allow_downloads
+        return (
+            resolve_model(SENSEVOICE_MODEL.read(self.config), MODEL_ID, SENSEVOICE_MODEL.name, allow),
+            resolve_model(SENSEVOICE_VAD_MODEL.read(self.config), VAD_MODEL_ID, SENSEVOICE_VAD_MODEL.name, allow),
+        )
+
     def unavailable(self) -> str | None:
         """Why this model cannot serve now (no local weights), or None; cheap file checks only."""
-        allow = self.config.allow_downloads
         try:
-            resolve_model(self.config.sensevoice_model, MODEL_ID, "AISTACK_SENSEVOICE_MODEL", allow)
-            resolve_model(self.config.sensevoice_vad_model, VAD_MODEL_ID, "AISTACK_SENSEVOICE_VAD_MODEL", allow)
+            self._model_sources()
         except Network as exc:
             return exc.message
         return None
 
     def load(self, device: Device | None = None) -> LoadedSenseVoice:
-        allow = self.config.allow_downloads
-        model = resolve_model(self.config.sensevoice_model, MODEL_ID, "AISTACK_SENSEVOICE_MODEL", allow)
-        vad = resolve_model(self.config.sensevoice_vad_model, VAD_MODEL_ID, "AISTACK_SENSEVOICE_VAD_MODEL", allow)
+        model, vad = self._model_sources()
         if device is None:
             device_name = "cuda:0" if torch.cuda.is_available() else "cpu"
         else:
@@ -276,7 +283,7 @@ class SenseVoiceBackend:
                 asr_model = funasr.AutoModel(model=model, **common)
                 vad_model = funasr.AutoModel(model=vad, max_single_segment_time=MAX_SEGMENT_MS, **common)
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise Overflow("Not enough GPU memory to load SenseVoice.", provider=PROVIDER) from exc
             log.warning("loading SenseVoice from %s and %s failed", model, vad, exc_info=True)
             raise Network(
@@ -287,10 +294,9 @@ class SenseVoiceBackend:
 
     def _language(self, options: TranscriptionOptions) -> str:
         """The language query SenseVoice gets: one it knows, or ``auto``."""
-        raw = (options.language or "").strip().lower().replace("_", "-")
-        if not raw or raw == "auto":
+        requested = normalize_language(options.language, LANGUAGE_SYNONYMS)
+        if requested is None:
             return "auto"
-        requested = LANGUAGE_SYNONYMS.get(raw) or LANGUAGE_SYNONYMS.get(raw.split("-")[0]) or raw.split("-")[0]
         if requested not in LANGUAGES:
             raise Malformed(
                 f"SenseVoice transcribes {', '.join(LANGUAGES)}; language={options.language!r} is not among them. "
@@ -361,7 +367,7 @@ class SenseVoiceBackend:
         try:
             return work()
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise Overflow(
                     "SenseVoice ran out of GPU memory; send shorter audio or free the GPU.", provider=PROVIDER
                 ) from exc

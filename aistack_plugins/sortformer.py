@@ -54,16 +54,21 @@ from aistack_core import (
     hookimpl,
 )
 
+from .manifests import SORTFORMER, SORTFORMER_MODEL, SORTFORMER_WINDOW_S
+
+# Found by the loader and by in-memory registration (tests); the entry point names it too.
+AISTACK_MANIFEST = SORTFORMER
+
 log = logging.getLogger("aistack.plugins.sortformer")
 
 PROVIDER = "Sortformer"
 MODEL_ID = "nvidia/diar_streaming_sortformer_4spk-v2.1"
 ALIAS = "sortformer"
 SAMPLE_RATE = 16000
-MODEL_SETTING = "AISTACK_SORTFORMER_MODEL"
-WINDOW_SETTING = "AISTACK_SORTFORMER_WINDOW_S"
+MODEL_SETTING = SORTFORMER_MODEL.name
+WINDOW_SETTING = SORTFORMER_WINDOW_S.name
 # Offline Sortformer is trained on 90 s sessions.
-DEFAULT_WINDOW_S = 90.0
+DEFAULT_WINDOW_S = SORTFORMER_WINDOW_S.default
 # Below this cosine similarity a window's speaker is taken for a new one.
 SAME_SPEAKER_SIMILARITY = 0.6
 # Sortformer's frame decision: a speaker talks where its sigmoid passes one half.
@@ -85,7 +90,7 @@ def _looks_like_path(name: str) -> bool:
 
 def resolve_weights(config: Config) -> Path | str:
     """A local ``.nemo`` path, or the hub id when NeMo may download it."""
-    name = (config.env.get(MODEL_SETTING) or MODEL_ID).strip()
+    name = SORTFORMER_MODEL.read(config) or MODEL_ID
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -188,7 +193,7 @@ class SortformerBackend:
 
     @property
     def window_s(self) -> float:
-        return max(10.0, self.config.env_float(WINDOW_SETTING, DEFAULT_WINDOW_S))
+        return max(10.0, SORTFORMER_WINDOW_S.read(self.config))
 
     def unavailable(self) -> str | None:
         try:

@@ -152,7 +152,7 @@ def tiny_en_backend(batched_above_s: float):
     from aistack_core import Config
     from aistack_plugins import faster_whisper as fw
 
-    config = Config(whisper_batched_above_s=batched_above_s)
+    config = Config(env={"AISTACK_WHISPER_BATCHED_ABOVE_S": str(batched_above_s)})
     backends = {b.card.id: b for b in fw.build_backends(config, allow_downloads=False)}
     return backends["whisper-tiny.en"]
 

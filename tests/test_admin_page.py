@@ -124,7 +124,7 @@ def admin_session(browser, base_config, plugin_set, ollama, tmp_path):
             error="ModuleNotFoundError: No module named 'broken_library'",
         )
         base_config.upload_dir.mkdir(parents=True, exist_ok=True)
-        config = attrs.evolve(base_config, ollama_url=ollama.url, **overrides)
+        config = attrs.evolve(base_config, env={"AISTACK_OLLAMA_URL": ollama.url}, **overrides)
         app = create_app(config, plugins=plugin_set)
         async with serve(app) as url:
             context = await browser.new_context(viewport={"width": 1280, "height": 900})

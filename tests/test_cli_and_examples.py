@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import wave
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from .upstreams import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "aistack-energy-asr"
+TINY_TTS = ROOT / "examples" / "aistack-tiny-tts"
 
 
 def get_json(url: str, timeout: float = 5.0):
@@ -79,19 +81,34 @@ def pip(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300)
 
 
-def plugin_names() -> dict[str, dict]:
+def plugin_names(load: str) -> dict[str, dict]:
+    """``aistack plugins --json``, importing only ``load`` (every other plugin is listed as disabled):
+    the heavy backends' imports would only slow this down."""
     result = subprocess.run([sys.executable, "-m", "aistack_core", "plugins", "--json"],
+                            env={**os.environ, "AISTACK_LOAD_PLUGINS": load},
                             capture_output=True, text=True, timeout=60)
     return {p["name"]: p for p in json.loads(result.stdout)}
+
+
+def run_own_tests(example: Path, tmp_path: Path) -> None:
+    """An example's own tests, written with aistack_core.testing, pass against the installed copy."""
+    own_tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(example / "tests")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert own_tests.returncode == 0, own_tests.stdout + own_tests.stderr
+    assert " passed" in own_tests.stdout
 
 
 def test_example_plugin_install_serve_uninstall(tmp_path):
     installed = pip("install", "-q", "--no-deps", "--no-build-isolation", str(EXAMPLE))
     assert installed.returncode == 0, installed.stderr
     try:
-        record = plugin_names()["energy_asr"]
+        record = plugin_names("energy_asr")["energy_asr"]
         assert record["status"] == "loaded" and record["distribution"] == "aistack-energy-asr"
         assert record["registered"] == ["asr:energy-vad"]
+        assert record["install_hint"] == "pip install ./examples/aistack-energy-asr"
+        run_own_tests(EXAMPLE, tmp_path)
         process, url = start_server(tmp_path, AISTACK_LOAD_PLUGINS="energy_asr")
         try:
             assert "energy-vad" in [m["id"] for m in get_json(url + "/v1/models")["data"]]
@@ -111,4 +128,36 @@ def test_example_plugin_install_serve_uninstall(tmp_path):
     finally:
         removed = pip("uninstall", "-y", "-q", "aistack-energy-asr")
     assert removed.returncode == 0, removed.stderr
-    assert "energy_asr" not in plugin_names()
+    assert "energy_asr" not in plugin_names("energy_asr")
+
+
+def test_tiny_tts_example_install_test_serve_uninstall(tmp_path):
+    installed = pip("install", "-q", "--no-deps", "--no-build-isolation", str(TINY_TTS))
+    assert installed.returncode == 0, installed.stderr
+    try:
+        record = plugin_names("tiny_tts")["tiny_tts"]
+        assert record["status"] == "loaded" and record["distribution"] == "aistack-tiny-tts"
+        assert record["registered"] == ["tts:tiny-tts"]
+        assert record["install_hint"] == "pip install ./examples/aistack-tiny-tts"
+        assert [s["name"] for s in record["settings"]] == ["AISTACK_TINY_TTS_PITCH_HZ"]
+        run_own_tests(TINY_TTS, tmp_path)
+        process, url = start_server(tmp_path, AISTACK_LOAD_PLUGINS="tiny_tts")
+        try:
+            assert "tiny-tts" in [m["id"] for m in get_json(url + "/v1/models")["data"]]
+            out = tmp_path / "hello.wav"
+            curl = subprocess.run(
+                ["curl", "-s", "-o", str(out), "-w", "%{http_code} %{content_type}", url + "/v1/audio/speech",
+                 "-H", "Content-Type: application/json",
+                 "-d", json.dumps({"model": "tiny-tts", "input": "Hello there. How are you?", "voice": "high",
+                                   "response_format": "wav"})],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert curl.stdout == "200 audio/wav", curl.stdout
+            with wave.open(str(out)) as audio:
+                assert audio.getnframes() / audio.getframerate() > 1.0
+        finally:
+            stop(process)
+    finally:
+        removed = pip("uninstall", "-y", "-q", "aistack-tiny-tts")
+    assert removed.returncode == 0, removed.stderr
+    assert "tiny_tts" not in plugin_names("tiny_tts")

@@ -324,7 +324,7 @@ async def test_chat_evicts_speech_models_only_on_the_device_it_takes(base_config
     async with ollama.running():
         plugin_set.register(aistack_plugins.ollama, name="ollama")
         plugin_set.register(BackendPlugin(backend), name="tests")
-        config = attrs.evolve(base_config, ollama_url=ollama.url, devices=parse_devices("cpu*2"))
+        config = attrs.evolve(base_config, env={"AISTACK_OLLAMA_URL": ollama.url}, devices=parse_devices("cpu*2"))
         async with run_gateway(create_app(config, plugins=plugin_set)) as client:
             cache = client.app[model_cache_key]
             for device in ("cpu:0", "cpu:1"):
@@ -359,13 +359,13 @@ def test_upstream_plugins_read_their_device_settings(base_config, plugin_set):
     plugin_set.register(aistack_plugins.ollama, name="ollama")
     plugin_set.register(aistack_plugins.qwen3_tts, name="qwen3-tts")
     config = attrs.evolve(
-        base_config, devices=parse_devices("cuda:0,cuda:1"), ollama_url="http://127.0.0.1:11434",
-        qwen3_tts_url="http://tts-host.example:17860",
-        env={"AISTACK_OLLAMA_DEVICES": "cuda:1"},
+        base_config, devices=parse_devices("cuda:0,cuda:1"),
+        env={"AISTACK_OLLAMA_URL": "http://127.0.0.1:11434", "AISTACK_QWEN3_TTS_URL": "http://tts-host.example:17860",
+             "AISTACK_OLLAMA_DEVICES": "cuda:1"},
     )
     app = create_app(config, plugins=plugin_set)
     assert app[upstream_devices_key] == {"ollama": ("cuda:1",), "qwen3-tts": ()}
-    config = attrs.evolve(config, env={"AISTACK_QWEN3_TTS_DEVICES": "cuda:0"})
+    config = attrs.evolve(config, env={**config.env, "AISTACK_OLLAMA_DEVICES": "", "AISTACK_QWEN3_TTS_DEVICES": "cuda:0"})
     assert create_app(config, plugins=plugin_set)[upstream_devices_key] == {
         "ollama": ("cuda:0", "cuda:1"), "qwen3-tts": ("cuda:0",)
     }
@@ -388,7 +388,7 @@ async def gateway(base_config, plugin_set, ollama):
             plugin_set.register(aistack_plugins.ollama, name="ollama")
             for i, plugin in enumerate(plugins):
                 plugin_set.register(plugin, name=f"tests-{i}")
-            config = attrs.evolve(base_config, ollama_url=ollama.url, devices=devices, env=env)
+            config = attrs.evolve(base_config, devices=devices, env={"AISTACK_OLLAMA_URL": ollama.url, **env})
             return await stack.enter_async_context(run_gateway(create_app(config, plugins=plugin_set)))
 
         yield factory

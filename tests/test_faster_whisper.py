@@ -86,7 +86,7 @@ def test_whisper_dir_folder_is_listed_and_ranked(tmp_path):
     fake_model_dir(whisper_dir / "whisper-base")
     fake_model_dir(whisper_dir / "not-a-size")  # ignored: not a Whisper size
     (whisper_dir / "medium").mkdir()  # ignored: no model.bin
-    backends = backends_by_id(config(tmp_path, whisper_dir=whisper_dir), allow_downloads=False)
+    backends = backends_by_id(config(tmp_path, env={"AISTACK_WHISPER_DIR": str(whisper_dir)}), allow_downloads=False)
 
     assert set(backends) == {"whisper-tiny.en", "whisper-base", "whisper-small.en"}
     small = backends["whisper-small.en"]
@@ -106,13 +106,13 @@ def test_whisper_default_picks_whisper_1(tmp_path):
     whisper_dir = tmp_path / "models"
     fake_model_dir(whisper_dir / "small.en")
     backends = backends_by_id(
-        config(tmp_path, whisper_dir=whisper_dir, whisper_default="tiny"), allow_downloads=False
+        config(tmp_path, env={"AISTACK_WHISPER_DIR": str(whisper_dir), "AISTACK_WHISPER_DEFAULT": "tiny"}), allow_downloads=False
     )
     assert "whisper-1" in backends["whisper-tiny.en"].card.aliases
     assert "whisper-1" not in backends["whisper-small.en"].card.aliases
     # A default we do not have falls back to the largest installed model.
     backends = backends_by_id(
-        config(tmp_path, whisper_dir=whisper_dir, whisper_default="large-v3"), allow_downloads=False
+        config(tmp_path, env={"AISTACK_WHISPER_DIR": str(whisper_dir), "AISTACK_WHISPER_DEFAULT": "large-v3"}), allow_downloads=False
     )
     assert "whisper-1" in backends["whisper-small.en"].card.aliases
 
@@ -262,7 +262,7 @@ def test_english_only_model_translates_by_transcribing_and_refuses_other_languag
 def test_multilingual_model_rejects_unknown_language(tmp_path, short_clip):
     whisper_dir = tmp_path / "models"
     fake_model_dir(whisper_dir / "base")
-    backend = backends_by_id(config(tmp_path, whisper_dir=whisper_dir), allow_downloads=False)["whisper-base"]
+    backend = backends_by_id(config(tmp_path, env={"AISTACK_WHISPER_DIR": str(whisper_dir)}), allow_downloads=False)["whisper-base"]
     with pytest.raises(Malformed, match="does not know the language 'xx'"):
         backend.transcribe(None, short_clip[1], TranscriptionOptions(language="xx"), CancelToken())
 

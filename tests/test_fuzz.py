@@ -153,8 +153,8 @@ def served(tmp_path_factory):
             plugins.register(TtsPlugin(SineTts("sine-tts", pieces=1, piece_s=0.05)), name="tts")
             config = Config(
                 upload_dir=upload_dir, tts_cache_dir=folder / "tts-cache", obs_log_dir=folder / "logs",
-                obs_payload_dir=folder / "payloads", obs_access_log=False, qwen3_tts_url=tts.url,
-                ollama_url=ollama.url, max_upload_mb=4,
+                obs_payload_dir=folder / "payloads", obs_access_log=False, max_upload_mb=4,
+                env={"AISTACK_QWEN3_TTS_URL": tts.url, "AISTACK_OLLAMA_URL": ollama.url},
             )
             async with serve(create_app(config, plugins=plugins)) as url:
                 ready["served"] = Served(url, upload_dir, tts, ollama)

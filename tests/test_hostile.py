@@ -104,8 +104,9 @@ async def gateway(base_config, plugin_set):
             for name, plugin in (plugins or {}).items():
                 plugin_set.register(plugin, name=name)
             base_config.upload_dir.mkdir(parents=True, exist_ok=True)
-            config = attrs.evolve(base_config, qwen3_tts_url=tts_url or refused_url(),
-                                  ollama_url=ollama_url or refused_url(), **overrides)
+            env = {"AISTACK_QWEN3_TTS_URL": tts_url or refused_url(), "AISTACK_OLLAMA_URL": ollama_url or refused_url(),
+                   **overrides.pop("env", {})}
+            config = attrs.evolve(base_config, **overrides, env=env)
             return await stack.enter_async_context(run_gateway(create_app(config, plugins=plugin_set)))
 
         yield factory

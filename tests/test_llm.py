@@ -54,7 +54,7 @@ async def gateway(base_config, plugin_set, ollama):
         async def factory(url: str | None = None, *, plugins=True, **env: str) -> GatewayClient:
             if plugins:
                 plugin_set.register(aistack_plugins.ollama, name="ollama")
-            config = attrs.evolve(base_config, ollama_url=url or ollama.url, env=env)
+            config = attrs.evolve(base_config, env={"AISTACK_OLLAMA_URL": url or ollama.url, **env})
             return await stack.enter_async_context(run_gateway(create_app(config, plugins=plugin_set)))
 
         yield factory

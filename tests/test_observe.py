@@ -479,7 +479,7 @@ async def test_proxied_stream_is_counted_and_captured(base_config, plugin_set):
     emulator = OllamaEmulator()
     async with emulator.running():
         plugin_set.register(aistack_plugins.ollama, name="ollama")
-        config = attrs.evolve(base_config, ollama_url=emulator.url, obs_payload=True)
+        config = attrs.evolve(base_config, env={"AISTACK_OLLAMA_URL": emulator.url}, obs_payload=True)
         async with run_gateway(create_app(config, plugins=plugin_set)) as client:
             request_body = json.dumps({"model": "qwen3:4b", "stream": True,
                                        "messages": [{"role": "user", "content": "Hi"}]}).encode()

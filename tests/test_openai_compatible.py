@@ -73,8 +73,8 @@ async def gateway(base_config, plugin_set):
                 plugin_set.register(plugin, name=name)
             base_config.upload_dir.mkdir(parents=True, exist_ok=True)
             config = attrs.evolve(
-                base_config, ollama_url=ollama_url or refused_url(), api_key=api_key, probe_cache_s=probe_cache_s,
-                env={"AISTACK_OPENAI_UPSTREAMS": upstreams, **env},
+                base_config, api_key=api_key, probe_cache_s=probe_cache_s,
+                env={"AISTACK_OPENAI_UPSTREAMS": upstreams, "AISTACK_OLLAMA_URL": ollama_url or refused_url(), **env},
             )
             return await stack.enter_async_context(run_gateway(create_app(config, plugins=plugin_set)))
 

@@ -45,7 +45,7 @@ def tiny_nemo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def backend(tiny_nemo) -> "parakeet.ParakeetBackend":
-    return parakeet.ParakeetBackend(Config(parakeet_model=str(tiny_nemo)))
+    return parakeet.ParakeetBackend(Config(env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo)}))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def run(backend, loaded, path: Path, **options):
 
 def test_card_and_registration(tiny_nemo):
     registered = []
-    parakeet.register_asr_backends(registered.append, Config(parakeet_model=str(tiny_nemo)))
+    parakeet.register_asr_backends(registered.append, Config(env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo)}))
     (backend,) = registered
     card = backend.card
     assert (card.id, card.aliases, card.owned_by, card.provider) == (MODEL_ID, ("parakeet",), "nvidia", "Parakeet")
@@ -124,11 +124,11 @@ def test_missing_weights_are_a_network_error_not_a_download(tmp_path, monkeypatc
             parakeet.ParakeetBackend(config).load()
         assert "not available locally" in caught.value.message and caught.value.provider == "Parakeet"
     with pytest.raises(Network, match="not a file"):
-        parakeet.resolve_weights(Config(parakeet_model=str(tmp_path / "nowhere.nemo")))
+        parakeet.resolve_weights(Config(env={"AISTACK_PARAKEET_MODEL": str(tmp_path / "nowhere.nemo")}))
     broken = tmp_path / "broken.nemo"
     broken.write_bytes(b"not a tar archive")
     with pytest.raises(Network, match="Could not load Parakeet"):
-        parakeet.ParakeetBackend(Config(parakeet_model=str(broken))).load()
+        parakeet.ParakeetBackend(Config(env={"AISTACK_PARAKEET_MODEL": str(broken)})).load()
 
 
 # --- transcription ----------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_language_hint_translate_and_unknown_languages(backend, loaded, tmp_path
 
 
 def test_local_attention_above_the_threshold_and_back(tiny_nemo, loaded, pieces, tmp_path):
-    backend = parakeet.ParakeetBackend(Config(parakeet_model=str(tiny_nemo), parakeet_local_attention_above_s=2.0))
+    backend = parakeet.ParakeetBackend(Config(env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo), "AISTACK_PARAKEET_LOCAL_ATTENTION_ABOVE_S": "2.0"}))
     encoder = loaded.model.encoder
     assert encoder.self_attention_model == "rel_pos" and not loaded.local_attention
 
@@ -201,7 +201,7 @@ def test_windows_are_cut_in_quiet_places():
 
 
 def test_long_audio_is_decoded_window_by_window_and_stops_when_cancelled(tiny_nemo, loaded, tmp_path):
-    backend = parakeet.ParakeetBackend(Config(parakeet_model=str(tiny_nemo)), window_s=1.0)
+    backend = parakeet.ParakeetBackend(Config(env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo)}), window_s=1.0)
     wav = noise_wav(tmp_path / "four.wav", 4.0)
     before = loaded.windows_decoded
     result, segments = run(backend, loaded, wav)
@@ -230,7 +230,7 @@ def test_long_audio_is_decoded_window_by_window_and_stops_when_cancelled(tiny_ne
 
 @pytest.fixture
 async def client(make_client, tiny_nemo):
-    return await make_client(plugins={"parakeet": parakeet}, parakeet_model=str(tiny_nemo))
+    return await make_client(plugins={"parakeet": parakeet}, env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo)})
 
 
 async def test_every_response_format(client, pieces, tmp_path):
@@ -338,7 +338,7 @@ async def test_missing_weights_answer_503(make_client, tmp_path, monkeypatch):
     ],
 )
 async def test_disconnect_stops_decoding_and_frees_the_slot(make_client, base_config, tiny_nemo, tmp_path, stream):
-    backend = parakeet.ParakeetBackend(attrs.evolve(base_config, parakeet_model=str(tiny_nemo)), window_s=2.0)
+    backend = parakeet.ParakeetBackend(attrs.evolve(base_config, env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo)}), window_s=2.0)
     client = await make_client(plugins={"parakeet": BackendPlugin(backend)})
     app = client.app
     wav = noise_wav(tmp_path / "two-minutes.wav", 120.0)  # 60 windows

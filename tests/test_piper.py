@@ -163,5 +163,7 @@ def test_without_any_voice_nothing_is_registered(monkeypatch, caplog):
 
 
 def test_thread_count_follows_the_setting():
-    assert piper_plugin.default_thread_count({"AISTACK_PIPER_THREADS": "3"}) == 3
-    assert 1 <= piper_plugin.default_thread_count({}) <= 4
+    assert piper_plugin.default_thread_count(Config(env={"AISTACK_PIPER_THREADS": "3"})) == 3
+    assert 1 <= piper_plugin.default_thread_count(Config()) <= 4
+    with pytest.raises(ValueError, match="AISTACK_PIPER_THREADS"):
+        piper_plugin.default_thread_count(Config(env={"AISTACK_PIPER_THREADS": "many"}))

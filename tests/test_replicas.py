@@ -40,8 +40,8 @@ async def gateway(base_config, plugin_set):
                 plugin_set.register(aistack_plugins.ollama, name="ollama")
             if tts_url:
                 plugin_set.register(aistack_plugins.qwen3_tts, name="qwen3_tts")
-            config = attrs.evolve(base_config, ollama_url=ollama_url or refused_url(),
-                                  qwen3_tts_url=tts_url or refused_url(), probe_cache_s=probe_cache_s)
+            config = attrs.evolve(base_config, probe_cache_s=probe_cache_s, env={
+                "AISTACK_OLLAMA_URL": ollama_url or refused_url(), "AISTACK_QWEN3_TTS_URL": tts_url or refused_url()})
             return await stack.enter_async_context(run_gateway(create_app(config, plugins=plugin_set)))
 
         yield factory
@@ -171,10 +171,10 @@ def test_which_urls_are_this_machine(url, here):
 
 
 def test_a_remote_ollama_or_tts_does_not_take_the_local_slot():
-    remote = Config(ollama_url="http://gpu-box:11434", qwen3_tts_url="http://10.0.0.5:17860")
+    remote = Config(env={"AISTACK_OLLAMA_URL": "http://gpu-box:11434", "AISTACK_QWEN3_TTS_URL": "http://10.0.0.5:17860"})
     assert not aistack_plugins.ollama.make_upstream(remote).uses_local_gpu
     assert not aistack_plugins.qwen3_tts.make_upstream(remote).uses_local_gpu
-    mixed = Config(ollama_url="http://gpu-box:11434,http://127.0.0.1:11434")
+    mixed = Config(env={"AISTACK_OLLAMA_URL": "http://gpu-box:11434,http://127.0.0.1:11434"})
     assert aistack_plugins.ollama.make_upstream(mixed).uses_local_gpu  # it may end up computing here
     assert aistack_plugins.ollama.make_upstream(Config()).uses_local_gpu
 
@@ -193,7 +193,7 @@ def test_doctor_checks_each_replica(tmp_path):
         dead, alive = refused_url(), f"http://127.0.0.1:{port}"
         plugins = load_plugins(load_entrypoints=False)
         plugins.register(aistack_plugins.ollama, name="ollama")
-        config = Config(ollama_url=f"{dead},{alive}", obs_log_dir=tmp_path / "logs", upload_dir=tmp_path,
+        config = Config(env={"AISTACK_OLLAMA_URL": f"{dead},{alive}"}, obs_log_dir=tmp_path / "logs", upload_dir=tmp_path,
                         tts_cache_dir=tmp_path / "cache", obs_payload_dir=tmp_path / "payloads")
         checks = {check.name: check for check in run_checks(config, plugins) if check.name.startswith("upstream")}
     finally:

@@ -42,7 +42,16 @@ def tiny(tmp_path_factory):
 
 
 def tiny_config(tiny, base: Config | None = None) -> Config:
-    return attrs.evolve(base or Config(), sensevoice_model=str(tiny.model_dir), sensevoice_vad_model=str(tiny.vad_dir))
+    base = base or Config()
+    return attrs.evolve(base, env={**base.env, **tiny_env(tiny)})
+
+
+def tiny_env(tiny, **overrides: str) -> dict[str, str]:
+    """The plugin's settings pointing at the tiny models (``model=``, ``vad_model=`` override)."""
+    return {
+        "AISTACK_SENSEVOICE_MODEL": overrides.get("model", str(tiny.model_dir)),
+        "AISTACK_SENSEVOICE_VAD_MODEL": overrides.get("vad_model", str(tiny.vad_dir)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +141,12 @@ def test_missing_weights_are_a_network_error_not_a_download(tiny, tmp_path, monk
     with pytest.raises(Network) as caught:
         sensevoice.SenseVoiceBackend(Config()).load()
     assert "not available locally" in caught.value.message and caught.value.provider == "SenseVoice"
-    config = attrs.evolve(tiny_config(tiny), sensevoice_vad_model=str(tmp_path / "no-vad"))
+    config = Config(env=tiny_env(tiny, vad_model=str(tmp_path / "no-vad")))
     with pytest.raises(Network, match="AISTACK_SENSEVOICE_VAD_MODEL"):
         sensevoice.SenseVoiceBackend(config).load()
     broken = shutil.copytree(tiny.model_dir, tmp_path / "broken")
     (broken / "model.pt").write_bytes(b"not a checkpoint")
-    config = attrs.evolve(tiny_config(tiny), sensevoice_model=str(broken))
+    config = Config(env=tiny_env(tiny, model=str(broken)))
     with pytest.raises(Network, match="Could not load SenseVoice"):
         sensevoice.SenseVoiceBackend(config).load()
 
@@ -204,7 +213,7 @@ def test_stretches_are_decoded_lazily_and_cancel_between_them(backend, loaded, t
 @pytest.fixture
 async def client(make_client, tiny):
     return await make_client(
-        plugins={"sensevoice": sensevoice}, sensevoice_model=str(tiny.model_dir), sensevoice_vad_model=str(tiny.vad_dir)
+        plugins={"sensevoice": sensevoice}, env=tiny_env(tiny)
     )
 
 
@@ -310,7 +319,7 @@ def registry_of(*names: str, config: Config) -> Registry:
 )
 def test_auto_routing_and_fallback(installed, routes, tiny, tiny_nemo):
     pytest.importorskip("aistack_plugins.faster_whisper", reason="needs the whisper extra")
-    registry = registry_of(*installed, config=tiny_config(tiny, Config(parakeet_model=str(tiny_nemo))))
+    registry = registry_of(*installed, config=tiny_config(tiny, Config(env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo)})))
     for language, expected in routes.items():
         chosen = registry.resolve_asr("auto", language).card.id
         assert chosen.startswith("whisper-") if expected == "whisper" else chosen == expected, (language, chosen)
@@ -320,8 +329,8 @@ async def test_auto_over_http(make_client, tiny, tiny_nemo, tmp_path, two_stretc
     import aistack_plugins.parakeet as parakeet
 
     client = await make_client(
-        plugins={"parakeet": parakeet, "sensevoice": sensevoice}, parakeet_model=str(tiny_nemo),
-        sensevoice_model=str(tiny.model_dir), sensevoice_vad_model=str(tiny.vad_dir),
+        plugins={"parakeet": parakeet, "sensevoice": sensevoice},
+        env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo), **tiny_env(tiny)},
     )
     texts = {}
     for language in ("ja", "de", "en", "yue"):
@@ -338,7 +347,7 @@ async def test_auto_over_http(make_client, tiny, tiny_nemo, tmp_path, two_stretc
 
 async def test_auto_falls_back_when_the_preferred_backend_is_missing(make_client, tiny, two_stretches):
     client = await make_client(
-        plugins={"sensevoice": sensevoice}, sensevoice_model=str(tiny.model_dir), sensevoice_vad_model=str(tiny.vad_dir)
+        plugins={"sensevoice": sensevoice}, env=tiny_env(tiny)
     )
     assert client.app[registry_key].resolve_asr("auto", "de").card.id == MODEL_ID
     response = await client.post(

@@ -66,7 +66,9 @@ async def gateway(base_config, plugin_set, tts, ollama):
         async def factory(url: str | None = None, **env: str) -> GatewayClient:
             plugin_set.register(aistack_plugins.qwen3_tts, name="qwen3_tts")
             plugin_set.register(aistack_plugins.ollama, name="ollama")
-            config = attrs.evolve(base_config, qwen3_tts_url=url or tts.url, ollama_url=ollama.url, env=env)
+            config = attrs.evolve(
+                base_config, env={"AISTACK_QWEN3_TTS_URL": url or tts.url, "AISTACK_OLLAMA_URL": ollama.url, **env}
+            )
             return await stack.enter_async_context(run_gateway(create_app(config, plugins=plugin_set)))
 
         yield factory

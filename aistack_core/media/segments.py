@@ -1,15 +1,18 @@
 """Turning word timestamps into sentences and subtitle cues.
 
 Backends that know when each word was spoken (Parakeet, Whisper with word
-timestamps) use :func:`sentence_segments` to build their segments, and the
-ASR capability uses :func:`subtitle_cues` for ``segment_granularity=subtitle``.
+timestamps) use :func:`sentence_segments` (or :func:`sentence_groups`, for
+their own word objects) to build their segments, TTS backends use
+:func:`split_sentences` to speak one sentence at a time, and the ASR
+capability uses :func:`subtitle_cues` for ``segment_granularity=subtitle``.
 Everything here is pure and fast: no audio, no models.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
-from typing import Sequence
+from typing import Protocol, Sequence, TypeVar
 
 from ..backends import Segment, Word
 
@@ -96,13 +99,22 @@ def _segment(words: Sequence[Word], segment_id: int) -> Segment:
     )
 
 
-def sentence_segments(
-    words: Sequence[Word], *, start_id: int = 0, pause_s: float = SENTENCE_PAUSE_S
-) -> list[Segment]:
-    """Group words into sentences: a new one after ``. ! ?`` (and their CJK
-    forms) or after a silence longer than ``pause_s``."""
-    groups: list[list[Word]] = []
-    current: list[Word] = []
+class TimedWord(Protocol):
+    start: float
+    end: float
+    word: str
+
+
+TimedWordT = TypeVar("TimedWordT", bound=TimedWord)
+
+
+def sentence_groups(words: Sequence[TimedWordT], *, pause_s: float = SENTENCE_PAUSE_S) -> list[list[TimedWordT]]:
+    """Group timed words into sentences: a new one after ``. ! ?`` (and their
+    CJK forms, not after common abbreviations) or after a silence longer than
+    ``pause_s``.  Works on any objects with ``start``, ``end`` and ``word``,
+    so a backend can keep its own word type; blank words are dropped."""
+    groups: list[list[TimedWordT]] = []
+    current: list[TimedWordT] = []
     for word in words:
         if not word.word.strip():
             continue
@@ -115,7 +127,37 @@ def sentence_segments(
             current = []
     if current:
         groups.append(current)
-    return [_segment(group, start_id + i) for i, group in enumerate(groups)]
+    return groups
+
+
+def sentence_segments(
+    words: Sequence[Word], *, start_id: int = 0, pause_s: float = SENTENCE_PAUSE_S
+) -> list[Segment]:
+    """:func:`sentence_groups` as segments numbered from ``start_id``."""
+    return [_segment(group, start_id + i) for i, group in enumerate(sentence_groups(words, pause_s=pause_s))]
+
+
+# Scripts written without spaces end a sentence mid-token ("你好。再见。").
+_UNSPACED_SENTENCE_END = re.compile(r"([。！？])(?=\S)")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Cut text into sentences for a TTS backend that speaks one at a time.
+
+    The same sentence ends as for words (abbreviations such as "Dr." do not
+    end one); whitespace inside a sentence becomes one space.
+    """
+    tokens = _UNSPACED_SENTENCE_END.sub(r"\1 ", text).split()
+    sentences: list[str] = []
+    current: list[str] = []
+    for token in tokens:
+        current.append(token)
+        if ends_sentence(token):
+            sentences.append(join_words(current))
+            current = []
+    if current:
+        sentences.append(join_words(current))
+    return sentences
 
 
 # --- subtitle cues --------------------------------------------------------------

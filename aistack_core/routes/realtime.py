@@ -49,7 +49,8 @@ from ..media.vad import LoudnessVad, SpeechTurns, TurnDetection
 from ..observe.middleware import observability_key
 from ..observe.realtime import UtteranceRecord
 from ..observe.record import request_info
-from ..registry import AUTO_ALIAS, normalize_language
+from ..helpers import normalize_language
+from ..registry import AUTO_ALIAS
 from ..slot import RETRY_AFTER_S
 
 log = logging.getLogger("aistack.routes.realtime")

@@ -29,7 +29,8 @@ from ..media.diarize import (
 )
 from ..media.transcript import TextJoiner, duration_usage, join_text, regroup, segment_json, to_srt, to_vtt, word_json
 from ..observe.record import request_info
-from ..registry import DIARIZE_ALIAS, is_auto, normalize_language
+from ..helpers import normalize_language
+from ..registry import DIARIZE_ALIAS, is_auto
 
 log = logging.getLogger("aistack.routes.transcriptions")
 

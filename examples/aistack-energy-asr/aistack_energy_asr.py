@@ -9,7 +9,11 @@ OpenAI-shaped endpoint, and a complete example of a third-party plugin:
 * it implements one hook, ``register_asr_backends``, and registers an object
   with a ``card``, a blocking ``load()`` and a blocking ``transcribe()``;
 * it checks the cancel token between segments and raises aistack's typed
-  errors rather than building HTTP responses.
+  errors rather than building HTTP responses;
+* it declares the plugin API it was written for and carries its manifest in
+  the module itself (``AISTACK_MANIFEST``), the simple choice for a plugin
+  whose only dependency is numpy; see examples/aistack-tiny-tts for a
+  manifest in a module of its own, read even when the plugin cannot import.
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from typing import Iterator
 
 import numpy as np
 
-from aistack_core import CancelToken, ModelCard, Segment, Transcription, hookimpl
+from aistack_core import CancelToken, ModelCard, PluginManifest, Segment, Transcription, hookimpl
+
+AISTACK_PLUGIN_API = 1
+AISTACK_MANIFEST = PluginManifest(
+    name="energy_asr",
+    summary="Reports where speech is, by signal energy (not what was said)",
+    install_hint="pip install ./examples/aistack-energy-asr",
+    models={"asr": ("energy-vad",)},
+)
 
 FRAME_S = 0.02
 MIN_SPEECH_S = 0.2
