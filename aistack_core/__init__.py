@@ -44,7 +44,9 @@ from .errors import (  # noqa: E402
     Overflow,
     Unknown,
 )
-from .helpers import is_out_of_memory, normalize_language  # noqa: E402
+from .helpers import (  # noqa: E402
+    is_out_of_memory, normalize_language, torch_free_memory_mb, torch_gpu_check, torch_gpus,
+)
 from .hookspecs import hookimpl  # noqa: E402
 from .manifest import PLUGIN_API_VERSION, PluginManifest, PluginSetting  # noqa: E402
 from .media.segments import clamp_words, sentence_groups, sentence_segments, split_sentences  # noqa: E402
@@ -72,6 +74,6 @@ __all__ = [
     "runs_on_this_machine", "upstream_urls",
     "DiarizationBackend", "DiarizationOptions", "SpeakerTurn",
     "AistackError", "BadGateway", "Cancelled", "GatewayTimeout", "Malformed", "Network", "Overflow", "Unknown",
-    "normalize_language", "is_out_of_memory", "sentence_groups", "sentence_segments", "split_sentences",
+    "normalize_language", "is_out_of_memory", "torch_gpus", "torch_free_memory_mb", "torch_gpu_check", "sentence_groups", "sentence_segments", "split_sentences",
     "clamp_words", "time_stretch",
 ]

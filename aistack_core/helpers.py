@@ -6,8 +6,9 @@ They live here once so that the core and each plugin agree (a language hint
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
+from .backends import DoctorCheck
 from .languages import language_code
 
 
@@ -51,3 +52,31 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
         return True
     return "out of memory" in str(exc).lower()
+
+
+# --- torch GPUs: the same three answers for every torch-based plugin ------------------
+# The plugin passes its own ``torch`` module: the core never imports a framework.
+
+
+def torch_gpus(torch: Any) -> list[str]:
+    """The CUDA devices ``torch`` can run on, as ``cuda:N`` (for ``AISTACK_DEVICES=auto``)."""
+    return [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def torch_free_memory_mb(torch: Any, device: str) -> float | None:
+    """A GPU's free memory as its driver reports it (every engine's use counted); None off CUDA."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free_bytes, _total = torch.cuda.mem_get_info(torch.device(device))
+    return free_bytes / (1024 * 1024)
+
+
+def torch_gpu_check(torch: Any, backend: str) -> DoctorCheck:
+    """``aistack doctor``'s line on whether ``torch`` sees a GPU for ``backend``."""
+    name = f"torch GPU ({backend.lower()})"
+    if torch.cuda.is_available():
+        return DoctorCheck(name, "ok", f"torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return DoctorCheck(
+        name, "warn", f"torch sees no CUDA GPU: {backend} runs on the CPU (much slower)",
+        "install a CUDA build of torch (https://pytorch.org/get-started/locally/) and the NVIDIA driver",
+    )

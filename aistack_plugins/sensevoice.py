@@ -35,6 +35,9 @@ import numpy as np
 import torch
 
 from aistack_core import (
+    torch_free_memory_mb,
+    torch_gpu_check,
+    torch_gpus,
     AudioInput,
     CancelToken,
     DoctorCheck,
@@ -382,28 +385,18 @@ def register_asr_backends(register, config: Config) -> None:
 @hookimpl
 def list_devices(config: Config) -> list[str]:
     """The GPUs torch can run SenseVoice on (AISTACK_DEVICES=auto)."""
-    return [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return torch_gpus(torch)
 
 
 @hookimpl
 def device_free_memory_mb(device: str) -> float | None:
-    """Free memory of a GPU as its driver reports it (all engines' use counted), None on the CPU."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return None
-    free_bytes, _total = torch.cuda.mem_get_info(torch.device(device))
-    return free_bytes / (1024 * 1024)
+    return torch_free_memory_mb(torch, device)
 
 
 @hookimpl
 def doctor_checks(config: Config) -> list[DoctorCheck]:
     """Whether torch sees a GPU, and whether the SenseVoice weights are on disk."""
-    if torch.cuda.is_available():
-        checks = [DoctorCheck("torch GPU (sensevoice)", "ok", f"torch sees {torch.cuda.device_count()} CUDA GPU(s)")]
-    else:
-        checks = [DoctorCheck(
-            "torch GPU (sensevoice)", "warn", "torch sees no CUDA GPU: SenseVoice runs on the CPU (much slower)",
-            "install a CUDA build of torch (https://pytorch.org/get-started/locally/) and the NVIDIA driver",
-        )]
+    checks = [torch_gpu_check(torch, "SenseVoice")]
     missing = SenseVoiceBackend(config).unavailable()
     if missing:
         checks.append(DoctorCheck("SenseVoice weights", "warn", missing))
