@@ -72,7 +72,7 @@ def language_code(language: str | None, *, strict: bool = True) -> str | None:
     if found is not None:
         return found
     if not strict:
-        return lowered.split("-")[0]
+        return lowered.split("-")[0] or None
     raise Malformed(
         f"Unknown language {language!r}. Send {ACCEPTED_FORMS}.",
         param="language", code="unsupported_language",
