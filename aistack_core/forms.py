@@ -97,6 +97,11 @@ class UploadPolicy:
     directory_setting: str = "AISTACK_UPLOAD_DIR"
 
 
+def upload_policy(config: Any) -> UploadPolicy:
+    """The gateway's own upload settings (``AISTACK_UPLOAD_DIR``, ``AISTACK_MAX_UPLOAD_MB``)."""
+    return UploadPolicy(config.upload_dir, config.max_upload_mb * 1024 * 1024)
+
+
 @attrs.frozen
 class Upload:
     path: Path
@@ -145,6 +150,16 @@ class Form:
         """Coerce more fields (a route that learns what it serves only after reading some)."""
         _coerce(self, fields)
         return self
+
+    def require_file(self, name: str = "file") -> Upload:
+        """The spooled upload ``name``, or the 400 that says how to send it."""
+        upload = self.uploads.get(name)
+        if upload is None:
+            raise Malformed(
+                f"No audio: add a {name!r} field with the recording (multipart/form-data).",
+                param=name, code="missing_file",
+            )
+        return upload
 
     def file(self, name: str) -> Upload | None:
         return self.uploads.get(name)

@@ -13,8 +13,7 @@ import asyncio
 from aiohttp import web
 
 from ..context import config_key, registry_key
-from ..errors import Malformed
-from ..forms import Field, UploadPolicy, defer_continue, read_form
+from ..forms import Field, defer_continue, read_form, upload_policy
 from ..inference import inference
 from ..media.audio import DecodedAudio
 from ..media.diarize import (
@@ -37,14 +36,12 @@ async def post_diarization(request: web.Request) -> web.StreamResponse:
     info.capability = "diarization"
     form = await read_form(
         request, FIELDS,
-        uploads=UploadPolicy(config.upload_dir, config.max_upload_mb * 1024 * 1024),
+        uploads=upload_policy(config),
         file_fields=("file",),
         long_text_fields={"known_speaker_references": MAX_REFERENCE_BYTES * 4 // 3 + 1024},
     )
     try:
-        upload = form.file("file")
-        if upload is None:
-            raise Malformed("No audio: add a 'file' field with the recording (multipart/form-data).", param="file")
+        upload = form.require_file("file")
         info.requested_model = form["model"] or None
         info.response_format = form["response_format"]
         check_known_names(form["known_speaker_names"], form["known_speaker_references"])
@@ -52,7 +49,7 @@ async def post_diarization(request: web.Request) -> web.StreamResponse:
         options = speaker_options(form)
         check_speaker_counts(options, entry.backend.max_speakers)
         known = await asyncio.to_thread(read_known_speakers, form, config.upload_dir)
-        audio = await asyncio.to_thread(DecodedAudio.open, upload.path)
+        audio = await asyncio.to_thread(DecodedAudio.open, upload.path, config.max_audio_min * 60)
         info.audio_sec = round(audio.duration, 3)
         async with inference(request, "diarization", entry) as run:
             run.audio_seconds = audio.duration

@@ -20,7 +20,7 @@ from aiohttp_sse import EventSourceResponse
 from ..backends import DiarizationOptions, Segment, SpeakerTurn, Transcription, TranscriptionOptions, VadSettings, Word
 from ..context import config_key, registry_key
 from ..errors import AistackError, Malformed, Unknown
-from ..forms import Field, Form, UploadPolicy, defer_continue, read_form
+from ..forms import Field, Form, defer_continue, read_form, upload_policy
 from ..inference import Inference, inference
 from ..media.audio import DecodedAudio
 from ..media.diarize import (
@@ -473,16 +473,12 @@ async def _serve(request: web.Request, translate_route: bool) -> web.StreamRespo
     info.capability = "asr"
     form = await read_form(
         request, FIELDS,
-        uploads=UploadPolicy(config.upload_dir, config.max_upload_mb * 1024 * 1024),
+        uploads=upload_policy(config),
         file_fields=("file",),
         long_text_fields={"known_speaker_references": MAX_REFERENCE_BYTES * 4 // 3 + 1024},
     )
     try:
-        upload = form.file("file")
-        if upload is None:
-            raise Malformed(
-                "No audio: add a 'file' field with the recording (multipart/form-data).", param="file", code="missing_file"
-            )
+        upload = form.require_file("file")
         translate = translate_route or form["translate"]
         info.requested_model = form["model"] or None
         # One spelling for every backend: names and region forms become the code.
