@@ -46,7 +46,7 @@ from pathlib import Path
 
 TARGET_OVERHEAD = 0.05
 INFORMATIONAL = "GET /v1/models (information only)"
-SPEECH_BODY = json.dumps({"model": "piper", "input": "Hello there.", "response_format": "pcm"}).encode()
+SPEECH_BODY = json.dumps({"model": "piper", "input": "Hello there.", "response_format": "pcm", "stream": False}).encode()
 
 
 def free_port() -> int:

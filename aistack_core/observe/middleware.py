@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from typing import Any, AsyncIterator
 
@@ -81,8 +82,11 @@ def outcome_of(request: web.Request, info: RequestInfo, response: web.StreamResp
         bytes_in=bytes_in,
         bytes_out=bytes_out,
         headers_s=None if headers_sent_at is None else headers_sent_at - info.started,
-        **{name: getattr(info, name) for name in MEASURED_FIELDS},
+        **dict(zip(MEASURED_FIELDS, _measured(info))),
     )
+
+
+_measured = operator.attrgetter(*MEASURED_FIELDS)  # one C call for the ten measured fields
 
 
 class Observability:
