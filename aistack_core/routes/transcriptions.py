@@ -8,10 +8,11 @@ answer in the requested format, or as SSE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, AsyncIterator
 
 import attrs
 from aiohttp import web
@@ -270,7 +271,7 @@ async def _respond_stream(run: Inference, audio: DecodedAudio, form: Form, trans
         event["segment"] = segment
         await stream.send(json.dumps(event))
 
-    try:
+    async with _failures_in_band(stream, "transcription"):
         if card.supports_streaming:
             next_id = 0
             async for segment in run.iterate(lambda: _checked(result.segments, run.cancel)):
@@ -297,18 +298,26 @@ async def _respond_stream(run: Inference, audio: DecodedAudio, form: Form, trans
         _add_logprobs(done, form, seen_words)
         done["usage"] = duration_usage(result.duration)
         await stream.send(json.dumps(done))
+    # The end of the stream goes out once the slot is free (see _serve).
+    return stream
+
+
+@contextlib.asynccontextmanager
+async def _failures_in_band(stream: EventSourceResponse, what: str) -> AsyncIterator[None]:
+    """A failure after the SSE headers went out: say why in an ``error`` event, then re-raise,
+    so the error middleware aborts the connection and the stream never looks complete."""
+    try:
+        yield
     except AistackError as exc:
         if exc.kind != "cancelled":
             await _send_error(stream, exc)
-        raise  # the error middleware aborts the connection: a failed stream never looks complete
+        raise
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception as exc:
-        log.exception("transcription failed mid-stream")
+        log.exception("%s failed mid-stream", what)
         await _send_error(stream, Unknown(f"Transcription failed: {type(exc).__name__}: {exc}"))
         raise
-    # The end of the stream goes out once the slot is free (see _serve).
-    return stream
 
 
 async def _send_error(stream: EventSourceResponse, exc: AistackError) -> None:
@@ -423,7 +432,7 @@ async def _stream_with_speakers(
     await stream.prepare(run.request)
     joiner = TextJoiner()
     next_id = 0
-    try:
+    async with _failures_in_band(stream, "diarized transcription"):
         async for segment in run.iterate(lambda: _checked(result.segments, run.cancel)):
             for spoken in _cued(assign_speakers([segment], turns, next_id), form["segment_granularity"], next_id):
                 next_id += 1
@@ -434,16 +443,6 @@ async def _stream_with_speakers(
             "text": joiner.text,
             "usage": duration_usage(result.duration),
         }))
-    except AistackError as exc:
-        if exc.kind != "cancelled":
-            await _send_error(stream, exc)
-        raise  # the error middleware aborts the connection: a failed stream never looks complete
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception as exc:
-        log.exception("diarized transcription failed mid-stream")
-        await _send_error(stream, Unknown(f"Transcription failed: {type(exc).__name__}: {exc}"))
-        raise
     await stream.write_eof()
     return stream
 
