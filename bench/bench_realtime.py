@@ -100,22 +100,25 @@ async def stream_session(session: aiohttp.ClientSession, base: str, items, silen
     speech_ends: list[float] = []
     stops: dict[str, float] = {}  # item_id -> when speech_stopped arrived
     finals: dict[str, tuple[float, str]] = {}  # item_id -> (when completed arrived, transcript)
-    sending_done = asyncio.Event()
+    arrived = asyncio.Event()  # set after every event, so the sender can re-check what it waits for
 
     async def read() -> None:
-        # Until every turn that was stopped has its final text, and the last utterance has had one.
-        while not (sending_done.is_set() and stops and set(finals) >= set(stops)):
-            message = await ws.receive()
-            if message.type != aiohttp.WSMsgType.TEXT:
-                raise RuntimeError(f"session ended early: {message}")
-            event = json.loads(message.data)
-            now = time.monotonic()
-            if event["type"] == "input_audio_buffer.speech_stopped":
-                stops[event["item_id"]] = now
-            elif event["type"] == "conversation.item.input_audio_transcription.completed":
-                finals[event["item_id"]] = (now, event["transcript"])
-            elif event["type"] == "error":
-                print("error event:", event["error"], file=sys.stderr)
+        try:
+            while True:
+                message = await ws.receive()
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    raise RuntimeError(f"session ended early: {message}")
+                event = json.loads(message.data)
+                now = time.monotonic()
+                if event["type"] == "input_audio_buffer.speech_stopped":
+                    stops[event["item_id"]] = now
+                elif event["type"] == "conversation.item.input_audio_transcription.completed":
+                    finals[event["item_id"]] = (now, event["transcript"])
+                elif event["type"] == "error":
+                    print("error event:", event["error"], file=sys.stderr)
+                arrived.set()
+        finally:
+            arrived.set()  # wake the waiter so it sees the reader ended
 
     reader = asyncio.create_task(read())
     step = RATE * CHUNK_MS // 1000
@@ -137,8 +140,19 @@ async def stream_session(session: aiohttp.ClientSession, base: str, items, silen
                 await asyncio.sleep(ahead)
         if index % 2 == 1:  # a speech block just ended
             speech_ends.append(time.monotonic())
-    sending_done.set()
-    await asyncio.wait_for(reader, timeout=120)
+
+    async def every_turn_final() -> None:
+        # Every turn that was stopped has its final text (and there was at least one turn).
+        while not (stops and set(finals) >= set(stops)):
+            if reader.done():
+                reader.result()  # the session ended early: say why
+            arrived.clear()
+            await arrived.wait()
+
+    try:
+        await asyncio.wait_for(every_turn_final(), timeout=120)
+    finally:
+        reader.cancel()
     await ws.close()
     # Each utterance owns the turns that ended while it was being sent or in the gap after it
     # (a pause inside a sentence may split it into two turns: their texts are joined).
@@ -211,6 +225,10 @@ async def main() -> None:
                 async with session.get(server.base + "/admin/api/metrics?recent=100") as response:
                     realtime = (await response.json())["realtime"]
                 finals = [u for u in realtime["recent_utterances"] if u["outcome"] == "completed"]
+                for u in finals[::-1]:
+                    print("utterance", {k: u[k] for k in ("audio_s", "decode_ms", "final_latency_ms", "partials",
+                                                            "early_final")}, file=sys.stderr)
+                early_finals = sum(1 for u in finals if u["early_final"])
                 rtf = statistics.median(u["decode_ms"] / 1000 / u["audio_s"] for u in finals)
                 half = len(items) // 2 or 1
                 both = await asyncio.gather(
@@ -223,6 +241,7 @@ async def main() -> None:
     print(json.dumps({
         "upload_then_transcribe_p50_s": round(upload_p50, 3),
         "final_decode_rtf_p50": round(rtf, 4),
+        "early_finals": f"{early_finals} of {len(finals)}",
         "server_final_latency_ms": realtime["final_latency_ms"],
         "ratio_speech_end_to_final_vs_upload": round(one["speech_end_to_final_p50_s"] / upload_p50, 3),
         "ratio_two_sessions_vs_one": round(two["speech_end_to_final_p50_s"] / one["speech_end_to_final_p50_s"], 3),

@@ -216,6 +216,47 @@ async def test_partial_deltas_on_a_long_utterance_read_as_the_completed_text(whi
     assert helpers.word_error_rate(LONG_UTTERANCE, completed.transcript) <= 0.2, completed.transcript
 
 
+async def test_a_turn_ending_in_a_pause_is_decoded_during_the_pause(whisper_app, tmp_path):
+    # Two sentences with a short pause between them make one turn (the pause is shorter than
+    # silence_duration_ms); the decode started in that pause must not pass for the final text.
+    first, second = UTTERANCES[0], UTTERANCES[2]
+    audio = np.concatenate([silence(0.5), speech(first), silence(0.35), speech(second), silence(1.2)])
+    await warm_up(whisper_app, tmp_path)
+    async with connect(whisper_app) as connection:
+        await connection.recv()
+        await connection.session.update(session=session_update(
+            turn_detection={**VAD, "silence_duration_ms": 800}, include=["item.input_audio_transcription.logprobs"]))
+        await connection.recv()
+        sender = asyncio.create_task(stream(connection, audio.tobytes(), 48000, 40, 1.0))
+        events = await events_until(connection, "conversation.item.input_audio_transcription.completed")
+        await sender
+    completed = events[-1]
+    assert len(of_type(events, "input_audio_buffer.speech_stopped")) == 1
+    assert helpers.word_error_rate(f"{first} {second}", completed.transcript) <= 0.2, completed.transcript
+    deltas = of_type(events, "conversation.item.input_audio_transcription.delta")
+    assert "".join(d.delta for d in deltas) == completed.transcript
+    # logprobs were asked for: the decode made in the closing pause had the word timings too.
+    assert completed.logprobs and len(completed.logprobs) >= len(completed.transcript.split()) - 2
+    recent = (await (await whisper_app.get("/admin/api/metrics?recent=1")).json())["realtime"]["recent_utterances"]
+    # The closing pause was long enough to decode the whole turn before the detector ended it.
+    assert recent[0]["item_id"] == completed.item_id and recent[0]["early_final"] is True
+    assert recent[0]["partials"] >= 2  # the pause between the sentences was decoded too, as a partial
+
+
+def test_only_a_decode_that_heard_all_the_speech_stands_in_for_the_final():
+    from aistack_core.routes.realtime import Decoded, Utterance
+
+    utterance = Utterance("item_1", LiveTranscript(), speech_end=16000)
+    assert utterance.decoded_whole(words=False) is None  # nothing decoded yet
+    utterance.decoded = Decoded(15999, False, True, "en", [], 0.4)  # made in an earlier pause: speech followed
+    assert utterance.decoded_whole(words=False) is None
+    utterance.decoded = Decoded(16512, False, True, "en", [], 0.4)  # made in the pause that ended the turn
+    assert utterance.decoded_whole(words=False) is utterance.decoded
+    assert utterance.decoded_whole(words=True) is None  # logprobs need word timings it did not take
+    utterance.decoded = Decoded(16512, True, True, "en", [], 0.4)
+    assert utterance.decoded_whole(words=True) is utterance.decoded
+
+
 async def test_g711_ulaw_and_16khz_pcm_inputs(whisper_app):
     text = UTTERANCES[1]
     ulaw = ulaw_encode(np.concatenate([silence(0.3, 8000), speech(text, 8000), silence(0.3, 8000)]))

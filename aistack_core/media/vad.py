@@ -80,6 +80,11 @@ class SpeechTurns:
         """Speaking, but the last windows were quiet: the turn may be about to end."""
         return self.speaking and self._silence_from is not None
 
+    @property
+    def silence_from(self) -> int | None:
+        """While pausing: the sample where the quiet began (the stop will name it if the pause lasts)."""
+        return self._silence_from if self.speaking else None
+
     def reset(self) -> None:
         """Forget a turn in progress (the buffer was cleared or committed by hand)."""
         self.speaking = False

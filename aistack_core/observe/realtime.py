@@ -34,6 +34,7 @@ class UtteranceRecord:
     decode_s: float | None = None
     final_latency_s: float | None = None  # end of speech (stop detected or commit) -> completed sent
     partials: int = 0
+    early_final: bool = False  # the text came from a decode made during the closing pause
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,7 +43,7 @@ class UtteranceRecord:
             "slot_wait_ms": None if self.slot_wait_s is None else round(self.slot_wait_s * 1000, 3),
             "decode_ms": None if self.decode_s is None else round(self.decode_s * 1000, 3),
             "final_latency_ms": None if self.final_latency_s is None else round(self.final_latency_s * 1000, 3),
-            "partials": self.partials,
+            "partials": self.partials, "early_final": self.early_final,
         }
 
 

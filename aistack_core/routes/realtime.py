@@ -220,13 +220,34 @@ def apply_update(settings: SessionSettings, session: Any, param: str) -> Session
 # --- one utterance ----------------------------------------------------------------------
 
 
+@attrs.frozen
+class Decoded:
+    """One decode of an utterance so far: its audio ran up to ``end`` (an absolute sample)."""
+
+    end: int
+    words: bool  # decoded with word timings (needed for logprobs)
+    in_pause: bool  # an early final: started in a pause that might have ended the turn
+    language: str
+    segments: list[Segment]
+    seconds: float  # decode time
+
+
 @attrs.define
 class Utterance:
     item_id: str
     transcript: LiveTranscript
     samples: np.ndarray | None = None  # set once committed
     ended_at: float | None = None  # monotonic: when the end of speech was known (stop detected, commit)
+    speech_end: int | None = None  # absolute sample where the speech ended (the turn's silence began)
+    decoded: Decoded | None = None  # the latest partial decode, which may already hold the whole speech
     partials: int = 0
+
+    def decoded_whole(self, words: bool) -> Decoded | None:
+        """A partial decode that heard all of the speech, so the final decode would repeat it."""
+        decoded = self.decoded
+        if decoded is None or self.speech_end is None or decoded.end < self.speech_end:
+            return None
+        return decoded if decoded.words or not words else None
 
     @property
     def duration(self) -> float:
@@ -311,6 +332,7 @@ class RealtimeSession:
         self.queue: deque[Utterance] = deque()
         self.queued = asyncio.Event()
         self.partial_task: asyncio.Task | None = None
+        self.partial_end = 0  # absolute sample where the audio of the partial in flight ends
         self.decoder_task: asyncio.Task | None = None
         self.audio_s = 0.0  # all audio received, for AISTACK_MAX_AUDIO_MIN
         self.max_audio_s = 60 * float(getattr(self.config, "max_audio_min", None)
@@ -323,6 +345,7 @@ class RealtimeSession:
         self.decoded_audio_s = 0.0
         self.final_latencies: list[float] = []
         self.seconds_per_second = 0.0  # decode time per second of audio, smoothed: spaces the partials
+        self.last_decode_s = 0.0  # how long the last decode took: spaces the early finals
         self._start_turns()
 
     # --- sending -----------------------------------------------------------------
@@ -531,9 +554,11 @@ class RealtimeSession:
             # A turn with no pause this long: cut it here and carry on with a new one.
             await self._speech_stopped(self.buffer.end, self.buffer.end)
             await self._speech_started(self.buffer.end, padded=False)
-        elif spoken >= self.next_partial and not self.turns.pausing:
-            # Not in a pause: a partial started there would likely still run when the turn
-            # ends, and the final decode would wait for it.
+        elif self.turns.pausing:
+            self._maybe_early_final()
+        elif spoken >= self.next_partial:
+            # Not in a pause: one started in a pause runs up to its start and is the early
+            # final above, which the final decode can reuse.
             self._maybe_partial()
 
     def _ingest(self, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
@@ -544,6 +569,34 @@ class RealtimeSession:
         if self.vad_stream is None:
             self.vad_stream = self.vad.open_stream()
         return samples, self.vad_stream.speech_probabilities(samples)
+
+    def _maybe_early_final(self) -> None:
+        """In a pause that may end the turn: decode the speech so far, with the final's options.
+
+        If the pause lasts ``silence_duration_ms`` the turn ends and this decode
+        heard all of its speech (what follows is silence), so it is the final
+        text: the decode ran while the detector was still waiting, and
+        ``completed`` follows ``speech_stopped`` at once.  If speech resumes,
+        it was one more partial.
+        """
+        # It starts at the first quiet window: a decode takes about as long as OpenAI's default
+        # 500 ms wait (tiny.en, 2 cores), and waiting longer before it (0.15 of the wait was
+        # tried) only moved `completed` later; a pause that ends early still yields a partial.
+        silence_from = self.turns.silence_from
+        if silence_from is None:
+            return
+        decoded = self.current.decoded
+        if (decoded is not None and decoded.end >= silence_from) or (
+                self.partial_task is not None and not self.partial_task.done()
+                and self.partial_end >= silence_from):
+            return  # this pause is decoded already, or being decoded
+        # After an early final in an earlier pause, at least as much new audio as that decode
+        # took: a speaker (or a client) who pauses every few words cannot keep the slot busy
+        # more than about half the time (the regular partials are spaced already).
+        if (decoded is not None and decoded.in_pause
+                and self.buffer.end - decoded.end < self.last_decode_s * TARGET_RATE):
+            return
+        self._maybe_partial(words=self.settings.logprobs, in_pause=True)
 
     async def on_commit(self, event: dict) -> None:
         begin = self.speech_start if self.current is not None else self.buffer.start
@@ -557,7 +610,7 @@ class RealtimeSession:
         self.current = None
         if self.turns is not None:
             self.turns.reset()
-        await self._commit(utterance, begin, self.buffer.end)
+        await self._commit(utterance, begin, self.buffer.end, self.buffer.end)
 
     async def on_clear(self, event: dict) -> None:
         self._end_turn()
@@ -607,14 +660,15 @@ class RealtimeSession:
         await self.send({"type": "input_audio_buffer.speech_stopped",
                          "audio_end_ms": detected_at * 1000 // TARGET_RATE, "item_id": utterance.item_id})
         # Up to the detection point: the trailing silence costs little and keeps a last soft word.
-        await self._commit(utterance, self.speech_start, detected_at)
+        await self._commit(utterance, self.speech_start, detected_at, silence_from)
 
-    async def _commit(self, utterance: Utterance, begin: int, end: int) -> None:
+    async def _commit(self, utterance: Utterance, begin: int, end: int, speech_end: int) -> None:
         utterance.samples = self.buffer.slice(begin, end)
         utterance.ended_at = time.monotonic()
+        utterance.speech_end = speech_end
         self.buffer.drop_before(end)
-        if self.partial_task is not None and not self.partial_task.done():
-            self.partial_task.cancel()  # the final decode supersedes it
+        if self.partial_task is not None and not self.partial_task.done() and self.partial_end < speech_end:
+            self.partial_task.cancel()  # the final decode supersedes it (an early final it waits for)
         await self.send({"type": "input_audio_buffer.committed", "item_id": utterance.item_id,
                          "previous_item_id": self.last_item_id})
         self.last_item_id = utterance.item_id
@@ -653,25 +707,27 @@ class RealtimeSession:
             language = None  # `auto` fell back to a model without this language: let it detect
         return TranscriptionOptions(language=language, prompt=self.settings.prompt, word_timestamps=words)
 
-    def _maybe_partial(self) -> None:
+    def _maybe_partial(self, words: bool = False, in_pause: bool = False) -> None:
         """Start a partial decode of the utterance so far, if nothing else is decoding."""
         if (self.partial_task is not None and not self.partial_task.done()) or self.queue or not self._slot_free():
             return
         utterance = self.current
         assert utterance is not None
         samples = self.buffer.slice(self.speech_start, self.buffer.end)
+        self.partial_end = self.buffer.end
         # On a slow or shared machine a partial can take longer than the interval: space them
         # to at least twice the expected decode time, so partials use at most about half the
         # time and the final decode (which waits for a partial in flight) is rarely held up.
         expected_s = self.seconds_per_second * samples.size / TARGET_RATE
         self.next_partial = samples.size + int(max(self.config.realtime_partial_s, 2 * expected_s) * TARGET_RATE)
-        self.partial_task = asyncio.create_task(self._partial(utterance, samples))
+        self.partial_task = asyncio.create_task(self._partial(utterance, samples, self.buffer.end, words, in_pause))
 
-    async def _partial(self, utterance: Utterance, samples: np.ndarray) -> None:
+    async def _partial(self, utterance: Utterance, samples: np.ndarray, end: int, words: bool,
+                       in_pause: bool) -> None:
         try:
             async with inference(self.request, "asr", self.entry, watch_disconnect=False) as run:
                 started = time.monotonic()
-                _, segments = await run.in_thread(_decode, run, SampledAudio(samples), self._options(False))
+                language, segments = await run.in_thread(_decode, run, SampledAudio(samples), self._options(words))
                 elapsed = time.monotonic() - started
         except Busy:
             return  # a partial is a courtesy: skip it rather than wait
@@ -688,8 +744,9 @@ class RealtimeSession:
         self._learn_speed(elapsed, samples.size / TARGET_RATE)
         self.decode_s += elapsed
         self.stats.decoded(elapsed, partial=True)
+        utterance.decoded = Decoded(end, words, in_pause, language, segments, elapsed)
         if utterance.samples is not None:
-            return  # committed meanwhile: the final decode speaks for it
+            return  # committed meanwhile: the final decode speaks for it (and may be this one)
         delta = utterance.transcript.partial(join_text(segments))
         if delta:
             await self.send({"type": "conversation.item.input_audio_transcription.delta",
@@ -712,6 +769,11 @@ class RealtimeSession:
     async def _final(self, utterance: Utterance) -> None:
         audio = SampledAudio(utterance.samples)
         words = self.settings.logprobs
+        early = utterance.decoded_whole(words)
+        if early is not None:
+            await self._completed(utterance, audio, words, early.language, early.segments, early.seconds, 0.0,
+                                  early=True)
+            return
         while True:
             try:
                 async with inference(self.request, "asr", self.entry, watch_disconnect=False) as run:
@@ -734,8 +796,14 @@ class RealtimeSession:
                 return
         self._learn_speed(elapsed, audio.duration)
         self.decode_s += elapsed
-        self.decoded_audio_s += audio.duration
         self.stats.decoded(elapsed, partial=False)
+        await self._completed(utterance, audio, words, language, segments, elapsed, slot_wait)
+
+    async def _completed(self, utterance: Utterance, audio: SampledAudio, words: bool, language: str,
+                         segments: list[Segment], elapsed: float, slot_wait: float | None,
+                         early: bool = False) -> None:
+        """The last delta and ``completed``, from the final decode or an early final that heard it all."""
+        self.decoded_audio_s += audio.duration
         delta = utterance.transcript.final(join_text(segments))
         if delta:
             await self.send({"type": "conversation.item.input_audio_transcription.delta",
@@ -758,9 +826,10 @@ class RealtimeSession:
         self.info.language = language
         self.stats.utterance(UtteranceRecord(time.time(), self.info.request_id, utterance.item_id,
                                              self.entry.card.id, audio.duration, "completed", slot_wait, elapsed,
-                                             latency, utterance.partials))
+                                             latency, utterance.partials, early))
 
     def _learn_speed(self, elapsed: float, audio_s: float) -> None:
+        self.last_decode_s = elapsed
         if audio_s > 0:
             self.seconds_per_second = 0.7 * self.seconds_per_second + 0.3 * (elapsed / audio_s)
 
