@@ -21,6 +21,7 @@ from .config import Config
 from .observe.record import current_request_id, iso_utc
 from .plugins import load_plugins
 from .registry import Registry
+from .runner import GatewayRunner
 from .security import warn_if_exposed
 
 log = logging.getLogger("aistack")
@@ -126,7 +127,7 @@ async def _run_server(app: web.Application, config: Config) -> None:
     # keepalive_timeout of opening (or of its last answer): the header-read
     # timeout for half-open and slow-header connections.
     header_timeout_s = config.env_float("AISTACK_HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=header_timeout_s)
+    runner = GatewayRunner(app, access_log=None, keepalive_timeout=header_timeout_s)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

@@ -226,9 +226,9 @@ class ServerLog(logging.LoggerAdapter):
     headers, Transfer-Encoding with Content-Length, an unknown
     Content-Encoding) with a full traceback at ERROR: one cheap request, a
     screenful of log.  Those are the client's mistakes and get one WARNING
-    line; anything else keeps its traceback.  (The 400 itself is aiohttp's
-    plain-text answer: its parser refuses the request before the app, and
-    so the envelope, is reached.)
+    line; anything else keeps its traceback.  (The app never sees these
+    requests; under ``aistack serve`` :mod:`aistack_core.runner` answers
+    them in the envelope.)
     """
 
     def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:

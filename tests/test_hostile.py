@@ -764,6 +764,11 @@ def test_parser_refusals_are_one_log_line_each(served):
     for what, request in attacks.items():
         answer = raw_exchange(port, request, read_timeout=3)
         assert re.match(rb"HTTP/1\.[01] 4\d\d ", answer), (what, answer[:200])
+        # In the envelope like every other error, though the app never saw the request.
+        error = envelope_of(answer)["error"]
+        assert error["kind"] in ("malformed", "overflow") and error["code"] in ("bad_http_request",
+                                                                                  "request_too_large"), (what, error)
+        assert error["message"].startswith(("The request is not valid HTTP", "The request is too large")), error
     time.sleep(0.5)
     new_lines = log_path.read_text()[len(before):].splitlines()
     assert not any("Traceback" in line for line in new_lines), "\n".join(new_lines)

@@ -166,7 +166,11 @@ class RequestOutcome(Measured):
     def to_json_line(self) -> str:
         """The access-log line.  ASCII escapes keep any odd client text (lone
         surrogates, control characters) valid JSON that any file encoding can hold."""
-        return json.dumps(self.to_record(), ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+        return _LINE_ENCODER.encode(self.to_record())
+
+
+# Made once: json.dumps with options builds a new encoder on every call (~2 µs a line).
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
 def _ms(seconds: float | None) -> float | None:
