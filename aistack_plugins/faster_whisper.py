@@ -345,6 +345,36 @@ class LoadedWhisper:
         self.device = device
         self._batched: BatchedInferencePipeline | None = None
         self._lock = threading.Lock()
+        # The token of the request being decoded (one at a time: one slot per device).
+        self.cancel: CancelToken | None = None
+        self._check_between_model_calls()
+
+    def _check_between_model_calls(self) -> None:
+        """Honour the cancel token between the encoder, the decoder and the word aligner.
+
+        On a CPU one 30 s window is about a second of work in three model
+        calls (encode, generate, align), which faster-whisper makes inside one
+        step of its segment iterator; checking only between segments, a
+        client that hangs up waits for all three.  The checks wrap this
+        model's own ``encode`` (after it) and ``add_word_timestamps`` (before
+        it), which both the plain and the batched decoder call.
+        """
+        model = self.model
+        encode, align = model.encode, model.add_word_timestamps
+
+        def encode_then_check(*args: Any, **kwargs: Any) -> Any:
+            output = encode(*args, **kwargs)
+            if self.cancel is not None:
+                self.cancel.raise_if_cancelled()
+            return output
+
+        def check_then_align(*args: Any, **kwargs: Any) -> Any:
+            if self.cancel is not None:
+                self.cancel.raise_if_cancelled()
+            return align(*args, **kwargs)
+
+        model.encode = encode_then_check
+        model.add_word_timestamps = check_then_align
 
     @property
     def batched_pipeline(self) -> BatchedInferencePipeline | None:
@@ -713,6 +743,7 @@ class FasterWhisperBackend:
         language = self._language(options)
         task = self._task(options)
         cancel.raise_if_cancelled()
+        model.cancel = cancel
         if not self.decodes_batched(audio.duration):
             return self._transcribe_plain(model, audio, options, cancel, language, task)
         chunks = speech_chunks(audio.windows(SAMPLE_RATE, PIECE_S, cancel), cancel)

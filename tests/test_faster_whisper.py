@@ -235,6 +235,38 @@ def test_segments_are_decoded_lazily_and_cancel_between_them(tiny_en, long_clip)
         next(segments)
 
 
+@pytest.mark.parametrize("clip", ["short_clip", "long_clip"])  # the plain decoder, then the batched one
+def test_cancel_is_honoured_between_the_model_calls_of_one_window(tiny_en, clip, request):
+    backend, model = tiny_en
+    _, audio = request.getfixturevalue(clip)
+    cancel = CancelToken()
+    whisper = model.model
+    checked_encode, checked_align, generate = whisper.encode, whisper.add_word_timestamps, whisper.generate_with_fallback
+    calls = []
+
+    def hang_up_during_the_encoder(*args, **kwargs):
+        calls.append("encode")
+        cancel.cancel("client disconnected")
+        return checked_encode(*args, **kwargs)
+
+    def align(*args, **kwargs):
+        calls.append("align")
+        return checked_align(*args, **kwargs)
+
+    def decode(*args, **kwargs):
+        calls.append("generate")
+        return generate(*args, **kwargs)
+
+    whisper.encode, whisper.add_word_timestamps, whisper.generate_with_fallback = hang_up_during_the_encoder, align, decode
+    try:
+        with pytest.raises(Cancelled):
+            list(backend.transcribe(model, audio, TranscriptionOptions(word_timestamps=True), cancel).segments)
+    finally:
+        whisper.encode, whisper.add_word_timestamps, whisper.generate_with_fallback = checked_encode, checked_align, generate
+    # Stopped right after the encoder: nothing decoded or aligned, no second window encoded.
+    assert calls == ["encode"]
+
+
 def test_pre_cancelled_request_decodes_nothing(tiny_en, short_clip):
     backend, model = tiny_en
     cancel = CancelToken()
