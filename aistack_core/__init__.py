@@ -53,7 +53,7 @@ from .media.segments import clamp_words, sentence_groups, sentence_segments, spl
 
 # Names whose module needs the audio libraries (numpy, PyAV): imported on first
 # use, so ``import aistack_core`` works on an installation without them.
-_AUDIO_NAMES = {"time_stretch": "media.audio"}
+_AUDIO_NAMES = {"time_stretch": "media.audio", "quiet_windows": "media.audio"}
 
 
 def __getattr__(name: str):
@@ -75,5 +75,5 @@ __all__ = [
     "DiarizationBackend", "DiarizationOptions", "SpeakerTurn",
     "AistackError", "BadGateway", "Cancelled", "GatewayTimeout", "Malformed", "Network", "Overflow", "Unknown",
     "normalize_language", "is_out_of_memory", "torch_gpus", "torch_free_memory_mb", "torch_gpu_check", "sentence_groups", "sentence_segments", "split_sentences",
-    "clamp_words", "time_stretch",
+    "clamp_words", "time_stretch", "quiet_windows",
 ]

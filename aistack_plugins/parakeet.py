@@ -12,8 +12,9 @@ Where the weights come from, in order:
   Hugging Face cache, read without network access;
 * with ``AISTACK_ALLOW_DOWNLOADS=on``, NeMo's own download on first use.
 
-Long recordings are decoded in windows of ``window_s`` (cut at the quietest
-moment near each boundary) so cancellation is honoured between windows,
+Long recordings are read and decoded in windows of ``window_s`` (cut at the
+quietest moment near each boundary, ``aistack_core.quiet_windows``), so
+memory holds one window and cancellation is honoured between windows,
 and any window longer than ``AISTACK_PARAKEET_LOCAL_ATTENTION_ABOVE_S``
 runs the encoder with local attention, whose memory grows linearly with
 the audio instead of quadratically.
@@ -54,6 +55,7 @@ from aistack_core import (
     hookimpl,
     is_out_of_memory,
     normalize_language,
+    quiet_windows,
     sentence_segments,
 )
 
@@ -87,9 +89,8 @@ LOCAL_ATTENTION_CONTEXT = [128, 128]
 # Long files are decoded this many seconds at a time, so a cancelled request
 # stops within one window; local attention keeps a window's memory bounded.
 DEFAULT_WINDOW_S = 600.0
-# How far before a nominal window end we look for a quiet place to cut.
-CUT_SEARCH_S = 8.0
-CUT_FRAME_S = 0.05
+# Audio is read from the file this much at a time while a window is assembled.
+PIECE_S = 60.0
 # NeMo pads anything shorter than this (1 s) before decoding.
 MIN_SAMPLES = SAMPLE_RATE
 
@@ -221,37 +222,6 @@ def _word(entry: dict) -> Word:
 # --- windows ----------------------------------------------------------------------
 
 
-def plan_windows(samples: np.ndarray, window_s: float, sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:
-    """Sample ranges of at most ``window_s`` covering ``samples``.
-
-    Each cut lands on the quietest short frame in the last few seconds
-    before the nominal boundary, so a word is rarely split between windows.
-    """
-    total = len(samples)
-    window = max(1, int(window_s * sample_rate))
-    if total <= window:
-        return [(0, total)]
-    frame = max(1, int(CUT_FRAME_S * sample_rate))
-    search = min(int(CUT_SEARCH_S * sample_rate), window // 2)
-    windows, start = [], 0
-    while total - start > window:
-        nominal = start + window
-        lo = max(start + 1, nominal - search)
-        region = samples[lo:nominal]
-        frames = len(region) // frame
-        if frames > 0:
-            energy = np.square(region[: frames * frame].astype(np.float64)).reshape(frames, frame).sum(axis=1)
-            # The latest of the quietest frames, cut in its middle.
-            quietest = frames - 1 - int(np.argmin(energy[::-1]))
-            cut = lo + quietest * frame + frame // 2
-        else:
-            cut = nominal
-        windows.append((start, cut))
-        start = cut
-    windows.append((start, total))
-    return windows
-
-
 # --- the backend ------------------------------------------------------------------
 
 
@@ -322,19 +292,20 @@ class ParakeetBackend:
             )
         language = self._language(options)
         cancel.raise_if_cancelled()
-        samples = np.ascontiguousarray(audio.samples(SAMPLE_RATE, cancel), dtype=np.float32)
         duration = float(audio.duration)
         return Transcription(
-            language=language, duration=duration, segments=self._segments(model, samples, duration, cancel)
+            language=language, duration=duration, segments=self._segments(model, audio, duration, cancel)
         )
 
     def _segments(
-        self, model: LoadedParakeet, samples: np.ndarray, duration: float, cancel: CancelToken
+        self, model: LoadedParakeet, audio: AudioInput, duration: float, cancel: CancelToken
     ) -> Iterator[Segment]:
         next_id = 0
-        for start, end in plan_windows(samples, self.window_s):
+        # Decoded only as far as the window being transcribed: memory is one window, not the file.
+        for start, window in quiet_windows(audio.windows(SAMPLE_RATE, PIECE_S, cancel), self.window_s):
             cancel.raise_if_cancelled()
-            window = samples[start:end]
+            window = np.ascontiguousarray(window, dtype=np.float32)
+            end = start + len(window)
             offset = start / SAMPLE_RATE
             local = len(window) / SAMPLE_RATE > self.local_attention_above_s
             try:

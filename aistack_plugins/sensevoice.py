@@ -24,6 +24,7 @@ stretch's start and end only.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -53,6 +54,7 @@ from aistack_core import (
     hookimpl,
     is_out_of_memory,
     normalize_language,
+    quiet_windows,
 )
 
 from .manifests import SENSEVOICE, SENSEVOICE_MODEL, SENSEVOICE_VAD_MODEL
@@ -97,6 +99,10 @@ LANGUAGES = ("zh", "yue", "en", "ja", "ko")
 AUTO_LANGUAGES = ("zh", "yue", "ja", "ko")
 AUTO_PRIORITY = 10
 UNKNOWN_LANGUAGE = "unknown"
+# Long files are read and searched for speech this many seconds at a time (cut in a
+# pause), so memory holds one window and not the file.
+WINDOW_S = 600.0
+PIECE_S = 60.0
 # SenseVoice handles up to about 30 s at once; the VAD cuts longer speech there.
 MAX_SEGMENT_MS = 30000
 # What an operator might send for the languages SenseVoice knows.
@@ -317,38 +323,50 @@ class SenseVoiceBackend:
             )
         query = self._language(options)
         cancel.raise_if_cancelled()
-        samples = np.ascontiguousarray(audio.samples(SAMPLE_RATE, cancel), dtype=np.float32)
         duration = float(audio.duration)
-        spans = self._guarded(lambda: model.speech_spans(samples))
-        cancel.raise_if_cancelled()
+        stretches = self._stretches(model, audio, cancel)
         # Decode the first stretch now: the first delta needs it anyway, and
         # it tells the language before the transcription is handed back.
-        first = self._guarded(lambda: model.decode(samples[spans[0][0] : spans[0][1]], query)) if spans else None
+        first_stretch = next(stretches, None)
+        cancel.raise_if_cancelled()
+        first = self._guarded(lambda: model.decode(first_stretch[2], query)) if first_stretch else None
         # The hint steers SenseVoice but does not bind it: what it detected wins.
         detected = first.language if first is not None else None
         language = detected or (query if query != "auto" else UNKNOWN_LANGUAGE)
         result = Transcription(language=language, duration=duration, segments=())
-        result.segments = self._segments(model, samples, spans, first, query, duration, cancel, result)
+        result.segments = self._segments(model, first_stretch, first, stretches, query, duration, cancel, result)
         return result
+
+    def _stretches(
+        self, model: LoadedSenseVoice, audio: AudioInput, cancel: CancelToken
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(start, end, samples)`` of each speech stretch, found one window of the file at a time."""
+        for offset, window in quiet_windows(audio.windows(SAMPLE_RATE, PIECE_S, cancel), WINDOW_S):
+            cancel.raise_if_cancelled()
+            window = np.ascontiguousarray(window, dtype=np.float32)
+            for start, end in self._guarded(lambda: model.speech_spans(window)):
+                yield offset + start, offset + end, window[start:end]
 
     def _segments(
         self,
         model: LoadedSenseVoice,
-        samples: np.ndarray,
-        spans: list[tuple[int, int]],
+        first_stretch: tuple[int, int, np.ndarray] | None,
         first: RichText | None,
+        stretches: Iterator[tuple[int, int, np.ndarray]],
         query: str,
         duration: float,
         cancel: CancelToken,
         result: Transcription,
     ) -> Iterator[Segment]:
+        if first_stretch is None:
+            return
         next_id = 0
-        for index, (start, end) in enumerate(spans):
+        for index, (start, end, samples) in enumerate(itertools.chain([first_stretch], stretches)):
             if index == 0 and first is not None:
                 rich = first
             else:
                 cancel.raise_if_cancelled()
-                rich = self._guarded(lambda: model.decode(samples[start:end], query))
+                rich = self._guarded(lambda: model.decode(samples, query))
             if result.language == UNKNOWN_LANGUAGE and rich.language:
                 # The first stretch had no speech SenseVoice could name; the core
                 # reads the language once the segments are consumed.

@@ -397,3 +397,30 @@ def test_implausible_headers_are_malformed_before_decoding(tmp_path, rate, chann
     with pytest.raises(Malformed, match=bounded) as refused:
         audio.probe(path)
     assert refused.value.param == "file"
+
+
+# --- long audio in windows cut at pauses ----------------------------------------------
+
+
+def plan_windows(samples, window_s, piece_s=0.7):
+    """``quiet_windows`` fed in pieces as a file is read, as sample ranges."""
+    size = int(piece_s * 16000)
+    pieces = [(start / 16000, samples[start:start + size]) for start in range(0, len(samples), size)]
+    return [(start, start + len(window)) for start, window in audio.quiet_windows(pieces, window_s)]
+
+
+def test_windows_are_cut_in_quiet_places():
+    rng = np.random.default_rng(1)
+    samples = (rng.standard_normal(16000 * 10) * 0.3).astype(np.float32)
+    quiet = [(2.6, 2.8), (5.3, 5.5), (8.1, 8.3)]
+    for start, end in quiet:
+        samples[int(start * 16000) : int(end * 16000)] *= 0.001
+    windows = plan_windows(samples, window_s=3.0)
+    assert windows[0][0] == 0 and windows[-1][1] == len(samples)
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    assert all(0 < end - start <= 3 * 16000 for start, end in windows)
+    for (_, cut), (quiet_start, quiet_end) in zip(windows, quiet):
+        assert quiet_start * 16000 <= cut <= quiet_end * 16000
+    assert plan_windows(samples[:16000], window_s=3.0) == [(0, 16000)]
+    # The same cuts whatever the piece size the file is read in (one piece: the whole file).
+    assert plan_windows(samples, window_s=3.0, piece_s=10.0) == windows == plan_windows(samples, 3.0, piece_s=0.05)

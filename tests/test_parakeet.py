@@ -185,21 +185,6 @@ def test_local_attention_above_the_threshold_and_back(tiny_nemo, loaded, pieces,
     assert as_tuples(w for s in segments for w in s.words) == spoken_words(pieces, 1.5)
 
 
-def test_windows_are_cut_in_quiet_places():
-    rng = np.random.default_rng(1)
-    samples = (rng.standard_normal(16000 * 10) * 0.3).astype(np.float32)
-    quiet = [(2.6, 2.8), (5.3, 5.5), (8.1, 8.3)]
-    for start, end in quiet:
-        samples[int(start * 16000) : int(end * 16000)] *= 0.001
-    windows = parakeet.plan_windows(samples, window_s=3.0)
-    assert windows[0][0] == 0 and windows[-1][1] == len(samples)
-    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
-    assert all(0 < end - start <= 3 * 16000 for start, end in windows)
-    for (_, cut), (quiet_start, quiet_end) in zip(windows, quiet):
-        assert quiet_start * 16000 <= cut <= quiet_end * 16000
-    assert parakeet.plan_windows(samples[:16000], window_s=3.0) == [(0, 16000)]
-
-
 def test_long_audio_is_decoded_window_by_window_and_stops_when_cancelled(tiny_nemo, loaded, tmp_path):
     backend = parakeet.ParakeetBackend(Config(env={"AISTACK_PARAKEET_MODEL": str(tiny_nemo)}), window_s=1.0)
     wav = noise_wav(tmp_path / "four.wav", 4.0)

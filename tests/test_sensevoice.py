@@ -207,6 +207,25 @@ def test_stretches_are_decoded_lazily_and_cancel_between_them(backend, loaded, t
     assert starts == sorted(starts) and all(s.start < s.end <= result.duration for s in segments)
 
 
+def test_long_audio_is_searched_for_speech_one_window_at_a_time(backend, loaded, tmp_path, monkeypatch):
+    wav = many_stretches(tmp_path / "six.wav", 6)  # 0.3 s + 6 x (0.4 s tone + 2.5 s pause) = 17.7 s
+    _, whole = run(backend, loaded, wav)
+    seen = []
+    speech_spans = type(loaded).speech_spans
+    monkeypatch.setattr(type(loaded), "speech_spans",
+                        lambda self, window: seen.append(len(window)) or speech_spans(self, window))
+    monkeypatch.setattr(sensevoice, "WINDOW_S", 6.0)
+    monkeypatch.setattr(sensevoice, "PIECE_S", 1.0)
+    _, windowed = run(backend, loaded, wav)
+    # Three windows of at most 6 s, cut in the pauses: the same stretches, in file time.
+    assert len(seen) == 3 and max(seen) <= 6 * 16000 and sum(seen) == round(17.7 * 16000)
+    assert [s.text for s in windowed] == [s.text for s in whole] == ["hello", "world"] * 3
+    # A stretch just after a cut loses the part of the VAD's padding that lay before it (<= 0.3 s).
+    assert [s.start for s in windowed] == pytest.approx([s.start for s in whole], abs=0.3)
+    assert all(w.start <= tone_start for w, tone_start in zip(windowed, (0.3 + i * 2.9 for i in range(6))))
+    assert [s.id for s in windowed] == list(range(6))
+
+
 # --- over HTTP ----------------------------------------------------------------------
 
 

@@ -710,3 +710,54 @@ class Int16Resampler:
         if not frames:
             return np.zeros(0, dtype=np.int16)
         return np.concatenate([_plane(frame) for frame in frames]).astype(np.int16, copy=False)
+
+
+# --- long audio in windows cut at pauses -----------------------------------------------
+
+# Where a window may end: the quietest 50 ms frame of the last 8 s before its nominal end.
+QUIET_CUT_SEARCH_S = 8.0
+QUIET_CUT_FRAME_S = 0.05
+
+
+def _quiet_cut(samples: np.ndarray, window: int, sample_rate: int) -> int:
+    """Where to end a window that starts at ``samples[0]``: at most ``window`` samples in."""
+    frame = max(1, int(QUIET_CUT_FRAME_S * sample_rate))
+    search = min(int(QUIET_CUT_SEARCH_S * sample_rate), window // 2)
+    low = max(1, window - search)
+    region = samples[low:window]
+    frames = len(region) // frame
+    if frames <= 0:
+        return window
+    energy = np.square(region[: frames * frame].astype(np.float64)).reshape(frames, frame).sum(axis=1)
+    # The latest of the quietest frames, cut in its middle.
+    quietest = frames - 1 - int(np.argmin(energy[::-1]))
+    return low + quietest * frame + frame // 2
+
+
+def quiet_windows(
+    pieces: Iterable[tuple[float, np.ndarray]], window_s: float, sample_rate: int = 16000
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start_sample, samples)`` windows of at most ``window_s``, each cut in a pause.
+
+    ``pieces`` is what :meth:`AudioInput.windows` yields (any piece size):
+    they are read only as far as the next window needs, so a backend that
+    decodes long audio window by window holds about one window, not the
+    file.  Each cut lands on the quietest 50 ms in the last few seconds
+    before the nominal end, so a word is rarely split between two windows.
+    """
+    window = max(1, int(window_s * sample_rate))
+    pending: list[np.ndarray] = []
+    pending_len = 0
+    start = 0
+    for _, piece in pieces:
+        pending.append(piece)
+        pending_len += piece.size
+        while pending_len > window:
+            joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            cut = _quiet_cut(joined, window, sample_rate)
+            rest = joined[cut:].copy()  # a copy, so the joined buffer goes with the window
+            yield start, joined[:cut]
+            start += cut
+            pending, pending_len = ([rest] if rest.size else []), rest.size
+    if pending_len:
+        yield start, np.concatenate(pending) if len(pending) > 1 else pending[0]
