@@ -166,7 +166,10 @@ async def stream_session(session: aiohttp.ClientSession, base: str, items, silen
         last_final = max(finals[item][0] for _, item in owned)
         record["speech_end_to_final_s"] = last_final - end
         record["stopped_to_final_s"] = last_final - owned[-1][0]
-        record["wer"] = word_error_rate(record["text"], " ".join(finals[item][1] for _, item in owned))
+        heard = " ".join(finals[item][1] for _, item in owned)
+        record["wer"] = word_error_rate(record["text"], heard)
+        if record["wer"] > 0.1:
+            print(f"WER {record['wer']:.2f}: said {record['text']!r}, heard {heard!r}", file=sys.stderr)
     if turns != len(items):
         print(f"note: {turns} turns for {len(items)} utterances (pauses inside sentences)", file=sys.stderr)
     return records
