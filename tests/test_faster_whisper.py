@@ -267,6 +267,21 @@ def test_cancel_is_honoured_between_the_model_calls_of_one_window(tiny_en, clip,
     assert calls == ["encode"]
 
 
+def test_a_finished_request_cancelled_late_never_cancels_the_next_on_the_same_weights(tiny_en, short_clip):
+    # A token may be cancelled after its request is answered (a hang-up right after); the
+    # weights keep it until the next transcribe.  A second LoadedWhisper on the same weights
+    # (bench_whisper_batched, the batched-path test) must check only its own request's token.
+    backend, model = tiny_en
+    _, audio = short_clip
+    late = CancelToken()
+    assert list(backend.transcribe(model, audio, TranscriptionOptions(), late).segments)
+    late.cancel("client disconnected")
+    fresh = fw.LoadedWhisper(model.model, model.device)
+    assert list(backend.transcribe(fresh, audio, TranscriptionOptions(), CancelToken()).segments)
+    again = CancelToken()
+    assert list(backend.transcribe(model, audio, TranscriptionOptions(), again).segments)
+
+
 def test_pre_cancelled_request_decodes_nothing(tiny_en, short_clip):
     backend, model = tiny_en
     cancel = CancelToken()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
-from aistack_core import hookimpl
+from aistack_core import Segment, Transcription, hookimpl
 from aistack_core.config import Config
 from aistack_core.context import registry_key, slot_key
 from aistack_core.media.live_audio import ALAW_TO_LINEAR, ULAW_TO_LINEAR, InputFormat, LiveDecoder
@@ -491,6 +491,127 @@ async def test_hang_up_cancels_the_decode_and_frees_the_slot(make_client):
             await asyncio.sleep(0.02)
     assert time.monotonic() - hung_up < 1.0
     assert slow.cancelled_at is not None and slow.cancelled_at - hung_up < 1.0
+
+
+class LevelAsr(helpers.SlowAsr):
+    """A test ASR backend that hears levels: a word per stretch of sound, "loud" or "soft".
+
+    It takes ``step_s`` a decode, and counts its decodes.
+    """
+
+    def __init__(self, model_id: str = "level-asr", step_s: float = 0.0) -> None:
+        super().__init__(model_id, steps=1, step_s=step_s)
+        self.decodes = 0
+
+    def transcribe(self, model, audio, options, cancel):
+        samples = audio.samples(16000)
+        count = samples.size // 512
+        rms = np.sqrt(np.square(samples[: count * 512].astype(np.float64)).reshape(count, 512).mean(axis=1))
+        words, previous = [], None
+        for level in rms:
+            kind = "loud" if level > 10 ** (-30 / 20) else "soft" if level > 10 ** (-50 / 20) else None
+            if kind is not None and kind != previous:
+                words.append(kind)
+            previous = kind
+        time.sleep(self.step_s)
+        self.decodes += 1
+        text = " ".join(words) + "."
+        segments = [Segment(id=0, start=0.0, end=audio.duration, text=text)] if words else []
+        return Transcription(language="en", duration=audio.duration, segments=iter(segments))
+
+
+def tone(seconds: float, dbfs: float, rate: int = 24000) -> np.ndarray:
+    amplitude = 10 ** (dbfs / 20) * np.sqrt(2) * 32767
+    return (amplitude * np.sin(2 * np.pi * 220 * np.arange(int(seconds * rate)) / rate)).astype(np.int16)
+
+
+async def vad_session(client, model: str, silence_ms: int = 400):
+    ws = await raw_session(client)
+    await ws.send_json({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "transcription": {"model": model}, "turn_detection": {
+            "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 0, "silence_duration_ms": silence_ms}}}}})
+    assert (await ws.receive_json(timeout=10))["type"] == "session.updated"
+    return ws
+
+
+async def send_pcm(ws, pcm: np.ndarray, chunk_ms: int = 40, pace: float | None = None) -> None:
+    step = 24000 * chunk_ms // 1000
+    started = time.monotonic()
+    for offset in range(0, pcm.size, step):
+        await ws.send_json({"type": "input_audio_buffer.append",
+                            "audio": base64.b64encode(pcm[offset:offset + step].tobytes()).decode()})
+        ahead = started + (offset + step) / 24000 / pace - time.monotonic() if pace else 0.0
+        await asyncio.sleep(max(ahead, 0.005))
+
+
+async def test_a_soft_word_after_the_closing_pause_began_is_in_the_final(make_client):
+    # The loudness detector: -20 dBFS is speech, -41.5 dBFS lies between the thresholds (0.425, which
+    # neither ends the pause nor counts as silence), digital silence is silence.  The early final starts
+    # at the first quiet window; the soft word after it is still part of the turn, and the final decode
+    # (up to the detection point) always heard it.
+    level = LevelAsr()
+    client = await make_client(plugins={"test-asr": helpers.BackendPlugin(level)}, realtime_partial_s=100.0)
+    ws = await vad_session(client, "level-asr")
+    quiet = np.zeros(24000, dtype=np.int16)
+    await send_pcm(ws, np.concatenate([quiet[:7200], tone(0.6, -20), quiet[:3600], tone(0.3, -41.5), quiet]))
+    events = await receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    assert len([e for e in events if e["type"] == "input_audio_buffer.speech_stopped"]) == 1
+    assert events[-1]["transcript"] == "loud soft."
+    await ws.close()
+
+
+async def test_a_session_update_between_the_early_final_and_the_stop_is_obeyed(make_client):
+    first, second = helpers.SlowAsr("fast-asr", steps=1, step_s=0.0), helpers.SlowAsr("two-asr", steps=2, step_s=0.0)
+    client = await make_client(plugins={"test-asr": helpers.BackendPlugin(first, second)}, realtime_partial_s=100.0)
+    ws = await vad_session(client, "fast-asr", silence_ms=600)
+    quiet = np.zeros(24000, dtype=np.int16)
+    await send_pcm(ws, np.concatenate([quiet[:7200], tone(0.6, -20), quiet[:4800]]))
+    await asyncio.sleep(0.2)  # the early final (with fast-asr) is done
+    # Only the model changes, so the turn in progress goes on.
+    await ws.send_json({"type": "session.update", "session": {"audio": {"input": {
+        "transcription": {"model": "two-asr"}}}}})
+    await send_pcm(ws, quiet)
+    events = await receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    assert any(e["type"] == "session.updated" for e in events)
+    assert events[-1]["transcript"] == "part 0. part 1."  # the model in effect when the turn ended
+    await ws.close()
+
+
+async def test_speech_with_many_short_pauses_keeps_the_slot_busy_at_most_half_the_time(make_client):
+    # Each early final takes 0.3 s; the speaker pauses (shorter than the turn's silence) every 0.35 s, in
+    # real time.  Without spacing, a pause would find the last decode done and start the next one.
+    level = LevelAsr(step_s=0.3)
+    client = await make_client(plugins={"test-asr": helpers.BackendPlugin(level)}, realtime_partial_s=100.0)
+    ws = await vad_session(client, "level-asr")
+    quiet = np.zeros(24000, dtype=np.int16)
+    talk = np.concatenate([quiet[:7200]] + [np.concatenate([tone(0.2, -20), quiet[:3600]])] * 12)
+    started = time.monotonic()
+    await send_pcm(ws, talk, chunk_ms=20, pace=1.0)
+    talked_s = time.monotonic() - started
+    early = level.decodes
+    await send_pcm(ws, quiet)
+    events = await receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    assert len([e for e in events if e["type"] == "input_audio_buffer.speech_stopped"]) == 1
+    assert early * level.step_s <= 0.6 * talked_s, (early, talked_s)
+    await ws.close()
+
+
+async def test_partials_off_stay_off_after_an_early_final(make_client):
+    # AISTACK_REALTIME_PARTIAL_S=0: no decodes while speaking.  The early final in a pause is not a
+    # regular partial, and must not switch them on for the rest of the turn.
+    level = LevelAsr()
+    client = await make_client(plugins={"test-asr": helpers.BackendPlugin(level)}, realtime_partial_s=0.0)
+    ws = await vad_session(client, "level-asr")
+    quiet = np.zeros(24000, dtype=np.int16)
+    await send_pcm(ws, np.concatenate([quiet[:7200], tone(0.6, -20), quiet[:3600]]))
+    await asyncio.sleep(0.2)
+    paused = level.decodes
+    await send_pcm(ws, tone(2.0, -20))
+    assert level.decodes == paused, (paused, level.decodes)
+    await send_pcm(ws, quiet)
+    events = await receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    assert events[-1]["transcript"] == "loud loud."  # one turn: the pause was shorter than its silence
+    await ws.close()
 
 
 async def test_idle_sessions_are_closed(make_client):

@@ -37,6 +37,9 @@ class Turn:
     kind: str  # "started" | "stopped"
     sample: int  # started: first speech sample; stopped: where the silence began
     detected_at: int  # the sample at which the detector could tell (stopped: after the silence)
+    # stopped: the end of the last window that was not quiet.  A window between the two thresholds
+    # neither ends the silence nor counts as quiet (a soft last word), so this may lie after ``sample``.
+    speech_end: int | None = None
 
 
 class SpeechTurns:
@@ -49,6 +52,7 @@ class SpeechTurns:
         self.windows_seen = 0
         self.speaking = False
         self._silence_from: int | None = None
+        self._heard_until = origin  # the end of the last window that was not quiet
         self._silence_needed = int(settings.silence_duration_ms * SAMPLE_RATE / 1000)
         self._low = max(0.01, settings.threshold - HYSTERESIS)
 
@@ -62,15 +66,18 @@ class SpeechTurns:
                 if probability >= self.settings.threshold:
                     self.speaking = True
                     self._silence_from = None
+                    self._heard_until = end
                     turns.append(Turn("started", start, end))
                 continue
+            if probability >= self._low:
+                self._heard_until = end
             if probability >= self.settings.threshold:
                 self._silence_from = None
             elif probability < self._low:
                 if self._silence_from is None:
                     self._silence_from = start
                 if end - self._silence_from >= self._silence_needed:
-                    turns.append(Turn("stopped", self._silence_from, end))
+                    turns.append(Turn("stopped", self._silence_from, end, max(self._silence_from, self._heard_until)))
                     self.speaking = False
                     self._silence_from = None
         return turns
@@ -81,9 +88,9 @@ class SpeechTurns:
         return self.speaking and self._silence_from is not None
 
     @property
-    def silence_from(self) -> int | None:
-        """While pausing: the sample where the quiet began (the stop will name it if the pause lasts)."""
-        return self._silence_from if self.speaking else None
+    def speech_end(self) -> int | None:
+        """While pausing: where the speech heard so far ends (the stop will name it if the pause lasts)."""
+        return max(self._silence_from, self._heard_until) if self.pausing else None
 
     def reset(self) -> None:
         """Forget a turn in progress (the buffer was cleared or committed by hand)."""

@@ -230,6 +230,7 @@ class Decoded:
     language: str
     segments: list[Segment]
     seconds: float  # decode time
+    made_with: tuple | None = None  # (model id, options): a session.update since makes it a mere partial
 
 
 @attrs.define
@@ -543,7 +544,7 @@ class RealtimeSession:
             if turn.kind == "started":
                 await self._speech_started(turn.sample)
             else:
-                await self._speech_stopped(turn.sample, turn.detected_at)
+                await self._speech_stopped(turn.speech_end, turn.detected_at)
         if self.current is None:
             keep = self.settings.turn_detection.prefix_padding_ms * TARGET_RATE // 1000 + 2 * self.vad.window_samples
             if self.buffer.end - self.buffer.start > 2 * keep:
@@ -582,19 +583,20 @@ class RealtimeSession:
         # It starts at the first quiet window: a decode takes about as long as OpenAI's default
         # 500 ms wait (tiny.en, 2 cores), and waiting longer before it (0.15 of the wait was
         # tried) only moved `completed` later; a pause that ends early still yields a partial.
-        silence_from = self.turns.silence_from
-        if silence_from is None:
+        speech_end = self.turns.speech_end  # after a soft word in the pause, that word's end
+        if speech_end is None:
             return
         decoded = self.current.decoded
-        if (decoded is not None and decoded.end >= silence_from) or (
+        if (decoded is not None and decoded.end >= speech_end) or (
                 self.partial_task is not None and not self.partial_task.done()
-                and self.partial_end >= silence_from):
+                and self.partial_end >= speech_end):
             return  # this pause is decoded already, or being decoded
-        # After an early final in an earlier pause, at least as much new audio as that decode
-        # took: a speaker (or a client) who pauses every few words cannot keep the slot busy
-        # more than about half the time (the regular partials are spaced already).
+        # After an early final in an earlier pause, at least twice as much new audio as that
+        # decode took (as the regular partials): the audio that arrived while it ran is half of
+        # it, so a speaker (or a client) who pauses every few words cannot keep the slot busy
+        # more than about half the time.
         if (decoded is not None and decoded.in_pause
-                and self.buffer.end - decoded.end < self.last_decode_s * TARGET_RATE):
+                and self.buffer.end - decoded.end < 2 * self.last_decode_s * TARGET_RATE):
             return
         self._maybe_partial(words=self.settings.logprobs, in_pause=True)
 
@@ -653,14 +655,14 @@ class RealtimeSession:
                          "audio_start_ms": self.speech_start * 1000 // TARGET_RATE,
                          "item_id": self.current.item_id})
 
-    async def _speech_stopped(self, silence_from: int, detected_at: int) -> None:
+    async def _speech_stopped(self, speech_end: int, detected_at: int) -> None:
         utterance, self.current = self.current, None
         if utterance is None:
             return
         await self.send({"type": "input_audio_buffer.speech_stopped",
                          "audio_end_ms": detected_at * 1000 // TARGET_RATE, "item_id": utterance.item_id})
         # Up to the detection point: the trailing silence costs little and keeps a last soft word.
-        await self._commit(utterance, self.speech_start, detected_at, silence_from)
+        await self._commit(utterance, self.speech_start, detected_at, speech_end)
 
     async def _commit(self, utterance: Utterance, begin: int, end: int, speech_end: int) -> None:
         utterance.samples = self.buffer.slice(begin, end)
@@ -719,15 +721,17 @@ class RealtimeSession:
         # to at least twice the expected decode time, so partials use at most about half the
         # time and the final decode (which waits for a partial in flight) is rarely held up.
         expected_s = self.seconds_per_second * samples.size / TARGET_RATE
-        self.next_partial = samples.size + int(max(self.config.realtime_partial_s, 2 * expected_s) * TARGET_RATE)
+        if self.config.realtime_partial_s > 0:  # else they stay off (an early final is no regular partial)
+            self.next_partial = samples.size + int(max(self.config.realtime_partial_s, 2 * expected_s) * TARGET_RATE)
         self.partial_task = asyncio.create_task(self._partial(utterance, samples, self.buffer.end, words, in_pause))
 
     async def _partial(self, utterance: Utterance, samples: np.ndarray, end: int, words: bool,
                        in_pause: bool) -> None:
+        entry, options = self.entry, self._options(words)
         try:
-            async with inference(self.request, "asr", self.entry, watch_disconnect=False) as run:
+            async with inference(self.request, "asr", entry, watch_disconnect=False) as run:
                 started = time.monotonic()
-                language, segments = await run.in_thread(_decode, run, SampledAudio(samples), self._options(words))
+                language, segments = await run.in_thread(_decode, run, SampledAudio(samples), options)
                 elapsed = time.monotonic() - started
         except Busy:
             return  # a partial is a courtesy: skip it rather than wait
@@ -744,7 +748,7 @@ class RealtimeSession:
         self._learn_speed(elapsed, samples.size / TARGET_RATE)
         self.decode_s += elapsed
         self.stats.decoded(elapsed, partial=True)
-        utterance.decoded = Decoded(end, words, in_pause, language, segments, elapsed)
+        utterance.decoded = Decoded(end, words, in_pause, language, segments, elapsed, (entry.card.id, options))
         if utterance.samples is not None:
             return  # committed meanwhile: the final decode speaks for it (and may be this one)
         delta = utterance.transcript.partial(join_text(segments))
@@ -770,6 +774,8 @@ class RealtimeSession:
         audio = SampledAudio(utterance.samples)
         words = self.settings.logprobs
         early = utterance.decoded_whole(words)
+        if early is not None and early.made_with != (self.entry.card.id, self._options(early.words)):
+            early = None  # the model, language or prompt changed since: decode with what holds now
         if early is not None:
             await self._completed(utterance, audio, words, early.language, early.segments, early.seconds, 0.0,
                                   early=True)
