@@ -17,6 +17,7 @@ request field at fault or None.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, ClassVar, Mapping
 
 from aiohttp import web
@@ -219,6 +220,18 @@ def _started_response(request: web.Request) -> web.StreamResponse | None:
     return response if response is not None and response.prepared else None
 
 
+# aiohttp's parser messages quote the offending bytes (a request line, a header with its
+# value): they may hold a key, so neither the log nor the answer repeats them.
+_QUOTED = re.compile(r"""b?(['"]).*?(?<!\\)\1""", re.S)
+
+
+def parser_refusal_detail(exc: BaseException) -> str:
+    """What aiohttp's parser objected to, without the bytes it quotes."""
+    message = str(getattr(exc, "message", "") or "").split(":\n", 1)[0]
+    message = " ".join(_QUOTED.sub("(...)", message).split())
+    return message[:200] or type(exc).__name__
+
+
 class ServerLog(logging.LoggerAdapter):
     """The logger aiohttp's connection handler writes to (``handler_args={"logger": ...}``).
 
@@ -233,7 +246,7 @@ class ServerLog(logging.LoggerAdapter):
 
     def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
         if isinstance(exc_info, HttpProcessingError):
-            detail = " ".join(str(exc_info.message).split()) or type(exc_info).__name__
+            detail = parser_refusal_detail(exc_info)
             self.warning("refused a malformed request: %s (%s %s)", detail, exc_info.code,
                          msg % args if args else msg)
             return

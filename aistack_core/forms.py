@@ -174,22 +174,54 @@ class Form:
 # --- Expect: 100-continue -------------------------------------------------------
 
 
-async def defer_continue(request: web.Request) -> None:
+async def defer_continue(request: web.Request) -> web.Response | None:
     """The routes' ``expect_handler``: say nothing yet.
 
     aiohttp's default answers ``100 Continue`` before any middleware runs,
     inviting a 500 MB upload that the key check is about to refuse.
-    :func:`send_continue` answers once the checks have passed.
+    :func:`send_continue` answers once the checks have passed.  Another
+    expectation is answered 417 here, in the envelope: aiohttp calls this
+    before the middlewares, so the envelope is returned, not raised.
     """
     if request.headers.get(hdrs.EXPECT, "").lower() not in ("", "100-continue"):
-        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {request.headers[hdrs.EXPECT]}")
+        response = Malformed(
+            f"Expect: {request.headers[hdrs.EXPECT][:40]!r} is not supported; the only expectation is "
+            "100-continue.", status=417, code="unsupported_expectation",
+        ).to_response()
+        response.force_close()  # the body, if one follows, is not read
+        return response
+    return None
 
 
 _CONTINUE_SENT = web.RequestKey("aistack.continue_sent", bool)
 
 
+# What aiohttp's server decompresses (br and zstd when their libraries are installed; it
+# refuses them itself otherwise).  Any other coding would reach us as raw bytes.
+DECODED_CONTENT_CODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br", "zstd"})
+
+
+def refuse_unknown_coding(request: web.BaseRequest) -> None:
+    """A 415 for a Content-Encoding the server would hand on undecoded (``compress``, typos)."""
+    header = request.headers.get(hdrs.CONTENT_ENCODING)
+    if header is None:
+        return
+    codings = [token.strip().lower() for token in header.split(",") if token.strip()]
+    unknown = [coding for coding in codings if coding not in DECODED_CONTENT_CODINGS]
+    if unknown:
+        raise Malformed(
+            f"Content-Encoding {unknown[0][:40]!r} is not supported; send the body uncompressed, or as gzip "
+            "or deflate.", status=415, code="unsupported_content_encoding",
+            headers={"Accept-Encoding": "gzip, deflate", hdrs.CONNECTION: "close"},
+        )
+
+
 async def send_continue(request: web.Request) -> None:
-    """Invite the body now, if the client waits for ``100 Continue`` and nobody sent it yet."""
+    """Invite the body now, if the client waits for ``100 Continue`` and nobody sent it yet.
+
+    Every body reader comes here before its first read, so the body's coding is checked here too.
+    """
+    refuse_unknown_coding(request)
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue" or request.get(_CONTINUE_SENT):
         return
     request[_CONTINUE_SENT] = True

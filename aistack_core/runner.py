@@ -23,16 +23,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import Malformed, Overflow, Unknown
+from .errors import Malformed, Overflow, Unknown, parser_refusal_detail
 
 log = logging.getLogger("aistack.runner")
 
 
 def refusal_envelope(status: int, exc: BaseException | None) -> web.Response:
     """The envelope for a request aiohttp itself refused with ``status``."""
-    detail = ""
-    if isinstance(exc, HttpProcessingError):
-        detail = " ".join(str(exc.message).split())
+    detail = parser_refusal_detail(exc) if isinstance(exc, HttpProcessingError) else ""
     if status >= 500:
         error = Unknown("The gateway failed while handling this request; the server log has the details.")
     elif status == 413:

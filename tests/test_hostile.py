@@ -259,6 +259,36 @@ async def test_bad_deflate_is_a_400_everywhere(gateway, upstreams, base_config):
         assert leftovers(base_config.upload_dir) == []
 
 
+async def test_a_coding_the_server_cannot_decode_is_a_415_everywhere(gateway, upstreams, base_config):
+    # aiohttp decodes gzip and deflate; any other coding would reach the routes as raw bytes.
+    async with upstreams() as (tts, ollama):
+        client = await gateway(tts.url, ollama.url, plugins={
+            "asr": BackendPlugin(SlowAsr(steps=1, step_s=0.01)), "tts": TtsPlugin(SineTts()),
+        })
+        body, content_type = multipart([file_part(wav_bytes()), text_part("model", "slow-asr")])
+        attempts = {
+            "asr": (ASR_URL, content_type, body),
+            "speech": ("/v1/audio/speech", "application/json", b'{"model": "sine", "input": "hi"}'),
+            "chat": ("/v1/chat/completions", "application/json", b'{"model": "m", "messages": []}'),
+            "voices upload (catch-all proxy)": ("/v1/audio/voices", content_type, body),
+        }
+        for what, (path, ctype, data) in attempts.items():
+            for encoding in ("compress", "zstdx", "gzip, zstdx"):
+                response = await client.post(path, data=data, headers={
+                    "Content-Type": ctype, "Content-Encoding": encoding})
+                text = await response.text()
+                assert response.status == 415, (what, encoding, response.status, text)
+                error = assert_envelope(json.loads(text), "malformed")
+                assert error["code"] == "unsupported_content_encoding" and "gzip" in error["message"], error
+        assert not tts.received("/v1/audio/voices") and not ollama.received("/api/chat")
+        assert leftovers(base_config.upload_dir) == []
+        # An expectation other than 100-continue: 417, in the envelope too.
+        response = await client.post("/v1/chat/completions", data=b"{}", headers={
+            "Content-Type": "application/json", "Expect": "200-ok"})
+        assert response.status == 417
+        assert assert_envelope(await response.json(), "malformed")["code"] == "unsupported_expectation"
+
+
 async def test_gzip_bomb_upload_is_refused_before_it_fills_the_disk(make_client, base_config):
     """917 KB of gzip that inflates to 900 MB: refused as 413, and the spool never grows past the limit."""
     client = await make_client(plugins={"asr": BackendPlugin(SlowAsr(steps=1, step_s=0.01))})
@@ -748,6 +778,9 @@ def test_slow_headers_cannot_hold_a_connection(served):
     assert closed and time.monotonic() - started < 6
 
 
+SECRET_IN_BAD_HEADER = b"sk-refused-0123456789"
+
+
 def test_parser_refusals_are_one_log_line_each(served):
     port, log_path = served
     before = log_path.read_text()
@@ -760,6 +793,9 @@ def test_parser_refusals_are_one_log_line_each(served):
         "unknown Content-Encoding": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
                                      b"Content-Encoding: br\r\n\r\n{}"),
         "header line over 8 KB": b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+        "a key with a control character": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                          + SECRET_IN_BAD_HEADER + b"\x01\r\n\r\n",
+        "a key in a broken request line": b"GET /v1/models?api_key=" + SECRET_IN_BAD_HEADER + b" HTTP/7.7\r\n\r\n",
     }
     for what, request in attacks.items():
         answer = raw_exchange(port, request, read_timeout=3)
@@ -769,9 +805,12 @@ def test_parser_refusals_are_one_log_line_each(served):
         assert error["kind"] in ("malformed", "overflow") and error["code"] in ("bad_http_request",
                                                                                   "request_too_large"), (what, error)
         assert error["message"].startswith(("The request is not valid HTTP", "The request is too large")), error
+        assert SECRET_IN_BAD_HEADER not in answer, (what, answer[:300])
     time.sleep(0.5)
     new_lines = log_path.read_text()[len(before):].splitlines()
     assert not any("Traceback" in line for line in new_lines), "\n".join(new_lines)
+    # aiohttp quotes the bytes it refused; the key in them reaches neither the answer nor the log.
+    assert SECRET_IN_BAD_HEADER.decode() not in "\n".join(new_lines)
     refusals = [line for line in new_lines if "refused a malformed request" in line]
     assert len(refusals) == len(attacks), "\n".join(new_lines)
     assert all(" ERROR " not in line for line in refusals)

@@ -741,8 +741,9 @@ def quiet_windows(
 
     ``pieces`` is what :meth:`AudioInput.windows` yields (any piece size):
     they are read only as far as the next window needs, so a backend that
-    decodes long audio window by window holds about one window, not the
-    file.  Each cut lands on the quietest 50 ms in the last few seconds
+    decodes long audio window by window holds a few windows at most (the
+    one it decodes, the pieces of the next and, for a moment, their joined
+    copy), never the file.  Each cut lands on the quietest 50 ms in the last few seconds
     before the nominal end, so a word is rarely split between two windows.
     """
     window = max(1, int(window_s * sample_rate))
