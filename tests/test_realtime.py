@@ -244,16 +244,21 @@ async def test_a_turn_ending_in_a_pause_is_decoded_during_the_pause(whisper_app,
 
 
 def test_only_a_decode_that_heard_all_the_speech_stands_in_for_the_final():
-    from aistack_core.routes.realtime import Decoded, Utterance
+    from aistack_core.routes.realtime import UNHEARD_TAIL_SAMPLES, Decoded, Utterance
 
     utterance = Utterance("item_1", LiveTranscript(), speech_end=16000)
     assert utterance.decoded_whole(words=False) is None  # nothing decoded yet
-    utterance.decoded = Decoded(15999, False, True, "en", [], 0.4)  # made in an earlier pause: speech followed
+    utterance.decoded = Decoded(14000, False, 13500, "en", [], 0.4)  # made in an earlier pause: speech followed
     assert utterance.decoded_whole(words=False) is None
-    utterance.decoded = Decoded(16512, False, True, "en", [], 0.4)  # made in the pause that ended the turn
+    # Up to 100 ms of soft sound (a word fading out) after its audio ended: it still heard the speech.
+    utterance.decoded = Decoded(16000 - UNHEARD_TAIL_SAMPLES, False, 14000, "en", [], 0.4)
+    assert utterance.decoded_whole(words=False) is utterance.decoded
+    utterance.decoded = Decoded(16000 - UNHEARD_TAIL_SAMPLES - 1, False, 14000, "en", [], 0.4)
+    assert utterance.decoded_whole(words=False) is None
+    utterance.decoded = Decoded(16512, False, 16000, "en", [], 0.4)  # made in the pause that ended the turn
     assert utterance.decoded_whole(words=False) is utterance.decoded
     assert utterance.decoded_whole(words=True) is None  # logprobs need word timings it did not take
-    utterance.decoded = Decoded(16512, True, True, "en", [], 0.4)
+    utterance.decoded = Decoded(16512, True, 16000, "en", [], 0.4)
     assert utterance.decoded_whole(words=True) is utterance.decoded
 
 

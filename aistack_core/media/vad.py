@@ -92,6 +92,11 @@ class SpeechTurns:
         """While pausing: where the speech heard so far ends (the stop will name it if the pause lasts)."""
         return max(self._silence_from, self._heard_until) if self.pausing else None
 
+    @property
+    def silence_from(self) -> int | None:
+        """While pausing: where its quiet began, the same for the whole pause (it names the pause)."""
+        return self._silence_from if self.pausing else None
+
     def reset(self) -> None:
         """Forget a turn in progress (the buffer was cleared or committed by hand)."""
         self.speaking = False

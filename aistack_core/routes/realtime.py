@@ -220,13 +220,27 @@ def apply_update(settings: SessionSettings, session: Any, param: str) -> Session
 # --- one utterance ----------------------------------------------------------------------
 
 
+# At most this share of an utterance's length goes to decoding it in its pauses.
+EARLY_FINAL_SHARE = 0.5
+# An early final may stand in for the final though this much soft sound (between the
+# detector's two thresholds: a word fading out) came after its audio ended.  A word is
+# longer; without it, one soft window after the first quiet one (common as speech decays)
+# would throw the early final away and make `completed` wait for a decode after the stop.
+UNHEARD_TAIL_SAMPLES = TARGET_RATE // 10
+
+
+def heard_to(end: int, speech_end: int) -> bool:
+    """Whether audio decoded up to ``end`` heard the speech that ended at ``speech_end``."""
+    return end + UNHEARD_TAIL_SAMPLES >= speech_end
+
+
 @attrs.frozen
 class Decoded:
     """One decode of an utterance so far: its audio ran up to ``end`` (an absolute sample)."""
 
     end: int
     words: bool  # decoded with word timings (needed for logprobs)
-    in_pause: bool  # an early final: started in a pause that might have ended the turn
+    pause: int | None  # an early final: where the quiet of its pause began (None: a regular partial)
     language: str
     segments: list[Segment]
     seconds: float  # decode time
@@ -242,11 +256,12 @@ class Utterance:
     speech_end: int | None = None  # absolute sample where the speech ended (the turn's silence began)
     decoded: Decoded | None = None  # the latest partial decode, which may already hold the whole speech
     partials: int = 0
+    pause_decode_s: float = 0.0  # decode time spent on early finals (held to EARLY_FINAL_SHARE)
 
     def decoded_whole(self, words: bool) -> Decoded | None:
         """A partial decode that heard all of the speech, so the final decode would repeat it."""
         decoded = self.decoded
-        if decoded is None or self.speech_end is None or decoded.end < self.speech_end:
+        if decoded is None or self.speech_end is None or not heard_to(decoded.end, self.speech_end):
             return None
         return decoded if decoded.words or not words else None
 
@@ -587,18 +602,18 @@ class RealtimeSession:
         if speech_end is None:
             return
         decoded = self.current.decoded
-        if (decoded is not None and decoded.end >= speech_end) or (
+        if (decoded is not None and heard_to(decoded.end, speech_end)) or (
                 self.partial_task is not None and not self.partial_task.done()
-                and self.partial_end >= speech_end):
+                and heard_to(self.partial_end, speech_end)):
             return  # this pause is decoded already, or being decoded
-        # After an early final in an earlier pause, at least twice as much new audio as that
-        # decode took (as the regular partials): the audio that arrived while it ran is half of
-        # it, so a speaker (or a client) who pauses every few words cannot keep the slot busy
-        # more than about half the time.
-        if (decoded is not None and decoded.in_pause
-                and self.buffer.end - decoded.end < 2 * self.last_decode_s * TARGET_RATE):
+        # A budget: an utterance's early finals may take at most half of its length in decode
+        # time, so a speaker (or a client) who pauses every few words cannot keep the slot
+        # busy more than about half the time, while the decodes a turn's last pauses need
+        # (speech that resumed for a moment, a soft last word) still run at once.
+        spoken_s = (self.buffer.end - self.speech_start) / TARGET_RATE
+        if self.current.pause_decode_s + self.last_decode_s > EARLY_FINAL_SHARE * spoken_s:
             return
-        self._maybe_partial(words=self.settings.logprobs, in_pause=True)
+        self._maybe_partial(words=self.settings.logprobs, pause=self.turns.silence_from)
 
     async def on_commit(self, event: dict) -> None:
         begin = self.speech_start if self.current is not None else self.buffer.start
@@ -669,7 +684,7 @@ class RealtimeSession:
         utterance.ended_at = time.monotonic()
         utterance.speech_end = speech_end
         self.buffer.drop_before(end)
-        if self.partial_task is not None and not self.partial_task.done() and self.partial_end < speech_end:
+        if self.partial_task is not None and not self.partial_task.done() and not heard_to(self.partial_end, speech_end):
             self.partial_task.cancel()  # the final decode supersedes it (an early final it waits for)
         await self.send({"type": "input_audio_buffer.committed", "item_id": utterance.item_id,
                          "previous_item_id": self.last_item_id})
@@ -709,7 +724,7 @@ class RealtimeSession:
             language = None  # `auto` fell back to a model without this language: let it detect
         return TranscriptionOptions(language=language, prompt=self.settings.prompt, word_timestamps=words)
 
-    def _maybe_partial(self, words: bool = False, in_pause: bool = False) -> None:
+    def _maybe_partial(self, words: bool = False, pause: int | None = None) -> None:
         """Start a partial decode of the utterance so far, if nothing else is decoding."""
         if (self.partial_task is not None and not self.partial_task.done()) or self.queue or not self._slot_free():
             return
@@ -723,10 +738,10 @@ class RealtimeSession:
         expected_s = self.seconds_per_second * samples.size / TARGET_RATE
         if self.config.realtime_partial_s > 0:  # else they stay off (an early final is no regular partial)
             self.next_partial = samples.size + int(max(self.config.realtime_partial_s, 2 * expected_s) * TARGET_RATE)
-        self.partial_task = asyncio.create_task(self._partial(utterance, samples, self.buffer.end, words, in_pause))
+        self.partial_task = asyncio.create_task(self._partial(utterance, samples, self.buffer.end, words, pause))
 
     async def _partial(self, utterance: Utterance, samples: np.ndarray, end: int, words: bool,
-                       in_pause: bool) -> None:
+                       pause: int | None) -> None:
         entry, options = self.entry, self._options(words)
         try:
             async with inference(self.request, "asr", entry, watch_disconnect=False) as run:
@@ -745,10 +760,12 @@ class RealtimeSession:
             return
         self.partials += 1
         utterance.partials += 1
+        if pause is not None:
+            utterance.pause_decode_s += elapsed
         self._learn_speed(elapsed, samples.size / TARGET_RATE)
         self.decode_s += elapsed
         self.stats.decoded(elapsed, partial=True)
-        utterance.decoded = Decoded(end, words, in_pause, language, segments, elapsed, (entry.card.id, options))
+        utterance.decoded = Decoded(end, words, pause, language, segments, elapsed, (entry.card.id, options))
         if utterance.samples is not None:
             return  # committed meanwhile: the final decode speaks for it (and may be this one)
         delta = utterance.transcript.partial(join_text(segments))
