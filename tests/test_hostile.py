@@ -234,20 +234,25 @@ def not_deflate() -> bytes:
     return b"this is plain text pretending to be deflate \x00\x01\x02" * 4
 
 
+async def every_body_route(gateway, tts, ollama):
+    """A gateway with in-process ASR and speech and both proxies; the routes that read a body, as
+    ``{what: (path, content type, a valid body)}``."""
+    client = await gateway(tts.url, ollama.url, plugins={
+        "asr": BackendPlugin(SlowAsr(steps=1, step_s=0.01)), "tts": TtsPlugin(SineTts()),
+    })
+    body, content_type = multipart([file_part(wav_bytes()), text_part("model", "slow-asr")])
+    return client, {
+        "asr": (ASR_URL, content_type, body),
+        "speech": ("/v1/audio/speech", "application/json", b'{"model": "sine", "input": "hi"}'),
+        "chat": ("/v1/chat/completions", "application/json", b'{"model": "m", "messages": []}'),
+        "voices upload (catch-all proxy)": ("/v1/audio/voices", content_type, body),
+    }
+
+
 async def test_bad_deflate_is_a_400_everywhere(gateway, upstreams, base_config):
     async with upstreams() as (tts, ollama):
-        client = await gateway(tts.url, ollama.url, plugins={
-            "asr": BackendPlugin(SlowAsr(steps=1, step_s=0.01)), "tts": TtsPlugin(SineTts()),
-        })
-        body, content_type = multipart([file_part(wav_bytes()), text_part("model", "slow-asr")])
-        attempts = {
-            "asr": (ASR_URL, content_type),
-            "in-process speech": ("/v1/audio/speech", "application/json"),
-            "proxied speech": ("/v1/audio/speech", "application/json"),
-            "chat": ("/v1/chat/completions", "application/json"),
-            "voices upload (catch-all proxy)": ("/v1/audio/voices", content_type),
-        }
-        for what, (path, ctype) in attempts.items():
+        client, routes = await every_body_route(gateway, tts, ollama)
+        for what, (path, ctype, _) in routes.items():
             for encoding in ("deflate", "gzip"):
                 response = await client.post(path, data=not_deflate(), headers={
                     "Content-Type": ctype, "Content-Encoding": encoding})
@@ -262,17 +267,8 @@ async def test_bad_deflate_is_a_400_everywhere(gateway, upstreams, base_config):
 async def test_a_coding_the_server_cannot_decode_is_a_415_everywhere(gateway, upstreams, base_config):
     # aiohttp decodes gzip and deflate; any other coding would reach the routes as raw bytes.
     async with upstreams() as (tts, ollama):
-        client = await gateway(tts.url, ollama.url, plugins={
-            "asr": BackendPlugin(SlowAsr(steps=1, step_s=0.01)), "tts": TtsPlugin(SineTts()),
-        })
-        body, content_type = multipart([file_part(wav_bytes()), text_part("model", "slow-asr")])
-        attempts = {
-            "asr": (ASR_URL, content_type, body),
-            "speech": ("/v1/audio/speech", "application/json", b'{"model": "sine", "input": "hi"}'),
-            "chat": ("/v1/chat/completions", "application/json", b'{"model": "m", "messages": []}'),
-            "voices upload (catch-all proxy)": ("/v1/audio/voices", content_type, body),
-        }
-        for what, (path, ctype, data) in attempts.items():
+        client, routes = await every_body_route(gateway, tts, ollama)
+        for what, (path, ctype, data) in routes.items():
             for encoding in ("compress", "zstdx", "gzip, zstdx"):
                 response = await client.post(path, data=data, headers={
                     "Content-Type": ctype, "Content-Encoding": encoding})
