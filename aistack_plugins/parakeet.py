@@ -28,10 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import attrs
-import huggingface_hub
 import numpy as np
 import torch
-from huggingface_hub import constants as hf_constants
 from nemo.collections.asr.models import ASRModel
 
 from aistack_core import (
@@ -60,6 +58,7 @@ from aistack_core import (
 )
 
 from .manifests import PARAKEET, PARAKEET_LOCAL_ATTENTION_ABOVE_S, PARAKEET_MODEL
+from .nemo_weights import resolve_nemo_weights
 
 # Found by the loader and by in-memory registration (tests); the entry point names it too.
 AISTACK_MANIFEST = PARAKEET
@@ -111,46 +110,11 @@ CARD = ModelCard(
 # --- where the weights are ----------------------------------------------------
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.endswith(".nemo") or name.startswith(("/", ".", "~")) or "\\" in name
-
-
-def hub_cache_file(repo_id: str, cache_dir: Path | None = None) -> Path | None:
-    """The repository's ``.nemo`` in the local Hugging Face cache (the file NeMo itself downloads)."""
-    filename = repo_id.rsplit("/", 1)[-1] + ".nemo"
-    try:
-        found = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
-    except ValueError:  # not a valid repository id
-        return None
-    return Path(found) if isinstance(found, str) else None
-
-
 def resolve_weights(config: Config) -> Path | str:
     """A local ``.nemo`` path, or the hub id when NeMo may download it."""
-    name = PARAKEET_MODEL.read(config) or MODEL_ID
-    if _looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise Network(
-                f"AISTACK_PARAKEET_MODEL={name} is not a file. Point it at a Parakeet .nemo file, "
-                f"or unset it to use {MODEL_ID} from the Hugging Face cache.",
-                provider=PROVIDER,
-            )
-        return path
-    cached = hub_cache_file(name)
-    if cached is not None:
-        return cached
-    if config.allow_downloads and not hf_constants.HF_HUB_OFFLINE:
-        return name
-    how = (
-        "unset HF_HUB_OFFLINE so AISTACK_ALLOW_DOWNLOADS can fetch it"
-        if config.allow_downloads
-        else "allow downloads with AISTACK_ALLOW_DOWNLOADS=on"
-    )
-    raise Network(
-        f"{name} is not available locally: it is not in the Hugging Face cache. Download it once "
-        f"(huggingface-cli download {name}), set AISTACK_PARAKEET_MODEL to a .nemo file, or {how}.",
-        provider=PROVIDER,
+    return resolve_nemo_weights(
+        PARAKEET_MODEL.read(config) or MODEL_ID, setting=PARAKEET_MODEL.name, default_id=MODEL_ID,
+        what="Parakeet", provider=PROVIDER, allow_downloads=config.allow_downloads,
     )
 
 

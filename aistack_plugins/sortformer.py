@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import huggingface_hub
 import numpy as np
 import torch
-from huggingface_hub import constants as hf_constants
 from nemo.collections.asr.models import SortformerEncLabelModel
 from nemo.collections.asr.parts.utils.vad_utils import PostProcessingParams, ts_vad_post_processing
 from omegaconf import OmegaConf
@@ -52,9 +50,11 @@ from aistack_core import (
     Overflow,
     SpeakerTurn,
     hookimpl,
+    is_out_of_memory,
 )
 
 from .manifests import SORTFORMER, SORTFORMER_MODEL, SORTFORMER_WINDOW_S
+from .nemo_weights import resolve_nemo_weights
 
 # Found by the loader and by in-memory registration (tests); the entry point names it too.
 AISTACK_MANIFEST = SORTFORMER
@@ -84,41 +84,12 @@ CARD = ModelCard(
 )
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.endswith(".nemo") or name.startswith(("/", ".", "~")) or "\\" in name
-
-
 def resolve_weights(config: Config) -> Path | str:
     """A local ``.nemo`` path, or the hub id when NeMo may download it."""
-    name = SORTFORMER_MODEL.read(config) or MODEL_ID
-    if _looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise Network(
-                f"{MODEL_SETTING}={name} is not a file. Point it at a Sortformer .nemo file, "
-                f"or unset it to use {MODEL_ID} from the Hugging Face cache.",
-                provider=PROVIDER,
-            )
-        return path
-    filename = name.rsplit("/", 1)[-1] + ".nemo"
-    try:
-        cached = huggingface_hub.try_to_load_from_cache(name, filename)
-    except ValueError:  # not a repository id
-        cached = None
-    if isinstance(cached, str):
-        return Path(cached)
-    if config.allow_downloads and not hf_constants.HF_HUB_OFFLINE:
-        return name
-    raise Network(
-        f"{name} is not available locally: it is not in the Hugging Face cache. Download it once "
-        f"(huggingface-cli download {name}), set {MODEL_SETTING} to a .nemo file, or allow downloads "
-        f"with AISTACK_ALLOW_DOWNLOADS=on.",
-        provider=PROVIDER,
+    return resolve_nemo_weights(
+        SORTFORMER_MODEL.read(config) or MODEL_ID, setting=MODEL_SETTING, default_id=MODEL_ID,
+        what="Sortformer", provider=PROVIDER, allow_downloads=config.allow_downloads,
     )
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -213,7 +184,7 @@ class SortformerBackend:
             else:
                 model = SortformerEncLabelModel.from_pretrained(source, map_location=location)
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise Overflow("Not enough GPU memory to load Sortformer.", provider=PROVIDER) from exc
             log.warning("loading Sortformer from %s failed", source, exc_info=True)
             verb = "download" if isinstance(source, str) else "load"
@@ -241,7 +212,7 @@ class SortformerBackend:
                 # the core embeds short clips through ``embed`` instead when it needs vectors.
                 probabilities, states = model.activity(piece, with_states=not model.streaming)
             except Exception as exc:
-                if _is_out_of_memory(exc):
+                if is_out_of_memory(exc):
                     raise Overflow(
                         f"Sortformer ran out of memory on {piece.size / SAMPLE_RATE:.0f} s of audio; lower "
                         f"{WINDOW_SETTING} or send shorter audio.", provider=PROVIDER,
