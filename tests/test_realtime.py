@@ -16,6 +16,7 @@ import json
 import time
 
 import aiohttp
+import attrs
 import av
 import numpy as np
 import pytest
@@ -244,22 +245,31 @@ async def test_a_turn_ending_in_a_pause_is_decoded_during_the_pause(whisper_app,
 
 
 def test_only_a_decode_that_heard_all_the_speech_stands_in_for_the_final():
+    from aistack_core.backends import TranscriptionOptions
     from aistack_core.routes.realtime import UNHEARD_TAIL_SAMPLES, Decoded, Utterance
 
+    plain, timed = TranscriptionOptions(language="en", word_timestamps=False), TranscriptionOptions(language="en")
+
+    def decoded(end, options=plain, model="m"):
+        return Decoded(end, 14000, model, options, "en", [], 0.4)
+
     utterance = Utterance("item_1", LiveTranscript(), speech_end=16000)
-    assert utterance.decoded_whole(words=False) is None  # nothing decoded yet
-    utterance.decoded = Decoded(14000, False, 13500, "en", [], 0.4)  # made in an earlier pause: speech followed
-    assert utterance.decoded_whole(words=False) is None
+    assert utterance.decoded_whole("m", plain) is None  # nothing decoded yet
+    utterance.decoded = decoded(14000)  # made in an earlier pause: speech followed
+    assert utterance.decoded_whole("m", plain) is None
     # Up to 100 ms of soft sound (a word fading out) after its audio ended: it still heard the speech.
-    utterance.decoded = Decoded(16000 - UNHEARD_TAIL_SAMPLES, False, 14000, "en", [], 0.4)
-    assert utterance.decoded_whole(words=False) is utterance.decoded
-    utterance.decoded = Decoded(16000 - UNHEARD_TAIL_SAMPLES - 1, False, 14000, "en", [], 0.4)
-    assert utterance.decoded_whole(words=False) is None
-    utterance.decoded = Decoded(16512, False, 16000, "en", [], 0.4)  # made in the pause that ended the turn
-    assert utterance.decoded_whole(words=False) is utterance.decoded
-    assert utterance.decoded_whole(words=True) is None  # logprobs need word timings it did not take
-    utterance.decoded = Decoded(16512, True, 16000, "en", [], 0.4)
-    assert utterance.decoded_whole(words=True) is utterance.decoded
+    utterance.decoded = decoded(16000 - UNHEARD_TAIL_SAMPLES)
+    assert utterance.decoded_whole("m", plain) is utterance.decoded
+    utterance.decoded = decoded(16000 - UNHEARD_TAIL_SAMPLES - 1)
+    assert utterance.decoded_whole("m", plain) is None
+    utterance.decoded = decoded(16512)  # made in the pause that ended the turn
+    assert utterance.decoded_whole("m", plain) is utterance.decoded
+    assert utterance.decoded_whole("m", timed) is None  # logprobs need word timings it did not take
+    assert utterance.decoded_whole("other", plain) is None  # the model changed since
+    assert utterance.decoded_whole("m", attrs.evolve(plain, prompt="names")) is None  # so did the prompt
+    utterance.decoded = decoded(16512, timed)
+    assert utterance.decoded_whole("m", timed) is utterance.decoded
+    assert utterance.decoded_whole("m", plain) is utterance.decoded  # word timings are extra, never missing
 
 
 async def test_g711_ulaw_and_16khz_pcm_inputs(whisper_app):

@@ -362,6 +362,9 @@ SPEAKER_FIELDS = (
 )
 # A reference is a few seconds of audio; a data URL larger than this is not one.
 MAX_REFERENCE_BYTES = 4 * 1024 * 1024
+# ``read_form``'s ``long_text_fields`` for forms with SPEAKER_FIELDS: a reference as a
+# base64 data URL (4/3 of its bytes, plus the URL's head) may be that long.
+SPEAKER_TEXT_LIMITS = {"known_speaker_references": MAX_REFERENCE_BYTES * 4 // 3 + 1024}
 
 
 def speaker_options(form: Form) -> DiarizationOptions:

@@ -17,7 +17,7 @@ from ..forms import Field, defer_continue, read_form, upload_policy
 from ..inference import inference
 from ..media.audio import DecodedAudio
 from ..media.diarize import (
-    MAX_REFERENCE_BYTES, SPEAKER_FIELDS, check_known_names, check_speaker_counts, find_turns, read_known_speakers,
+    SPEAKER_FIELDS, SPEAKER_TEXT_LIMITS, check_known_names, check_speaker_counts, find_turns, read_known_speakers,
     speaker_options, to_rttm, turn_json,
 )
 from ..observe.record import request_info
@@ -38,7 +38,7 @@ async def post_diarization(request: web.Request) -> web.StreamResponse:
         request, FIELDS,
         uploads=upload_policy(config),
         file_fields=("file",),
-        long_text_fields={"known_speaker_references": MAX_REFERENCE_BYTES * 4 // 3 + 1024},
+        long_text_fields=SPEAKER_TEXT_LIMITS,
     )
     try:
         upload = form.require_file("file")

@@ -239,12 +239,12 @@ class Decoded:
     """One decode of an utterance so far: its audio ran up to ``end`` (an absolute sample)."""
 
     end: int
-    words: bool  # decoded with word timings (needed for logprobs)
     pause: int | None  # an early final: where the quiet of its pause began (None: a regular partial)
+    model: str  # the model id and options it was made with: after a session.update that
+    options: TranscriptionOptions  # changes them it is a mere partial
     language: str
     segments: list[Segment]
     seconds: float  # decode time
-    made_with: tuple | None = None  # (model id, options): a session.update since makes it a mere partial
 
 
 @attrs.define
@@ -258,12 +258,16 @@ class Utterance:
     partials: int = 0
     pause_decode_s: float = 0.0  # decode time spent on early finals (held to EARLY_FINAL_SHARE)
 
-    def decoded_whole(self, words: bool) -> Decoded | None:
-        """A partial decode that heard all of the speech, so the final decode would repeat it."""
+    def decoded_whole(self, model: str, options: TranscriptionOptions) -> Decoded | None:
+        """A partial decode that heard all of the speech as the final decode would (``model``,
+        ``options``), so that decode would repeat it.  Word timings are extra, never missing:
+        a decode with them serves a final without."""
         decoded = self.decoded
         if decoded is None or self.speech_end is None or not heard_to(decoded.end, self.speech_end):
             return None
-        return decoded if decoded.words or not words else None
+        if decoded.model != model or decoded.options not in (options, attrs.evolve(options, word_timestamps=True)):
+            return None
+        return decoded
 
     @property
     def duration(self) -> float:
@@ -765,7 +769,7 @@ class RealtimeSession:
         self._learn_speed(elapsed, samples.size / TARGET_RATE)
         self.decode_s += elapsed
         self.stats.decoded(elapsed, partial=True)
-        utterance.decoded = Decoded(end, words, pause, language, segments, elapsed, (entry.card.id, options))
+        utterance.decoded = Decoded(end, pause, entry.card.id, options, language, segments, elapsed)
         if utterance.samples is not None:
             return  # committed meanwhile: the final decode speaks for it (and may be this one)
         delta = utterance.transcript.partial(join_text(segments))
@@ -790,9 +794,7 @@ class RealtimeSession:
     async def _final(self, utterance: Utterance) -> None:
         audio = SampledAudio(utterance.samples)
         words = self.settings.logprobs
-        early = utterance.decoded_whole(words)
-        if early is not None and early.made_with != (self.entry.card.id, self._options(early.words)):
-            early = None  # the model, language or prompt changed since: decode with what holds now
+        early = utterance.decoded_whole(self.entry.card.id, self._options(words))
         if early is not None:
             await self._completed(utterance, audio, words, early.language, early.segments, early.seconds, 0.0,
                                   early=True)

@@ -25,7 +25,7 @@ from ..forms import Field, Form, defer_continue, read_form, upload_policy
 from ..inference import Inference, inference
 from ..media.audio import DecodedAudio
 from ..media.diarize import (
-    MAX_REFERENCE_BYTES, SPEAKER_FIELDS, KnownSpeaker, SpeakerSegment, assign_speakers, check_known_names,
+    SPEAKER_FIELDS, SPEAKER_TEXT_LIMITS, KnownSpeaker, SpeakerSegment, assign_speakers, check_known_names,
     check_speaker_counts, diarized_segment_json, read_known_speakers, speaker_options, turns_in_slot, voice_tagged,
 )
 from ..media.transcript import TextJoiner, duration_usage, join_text, regroup, segment_json, to_srt, to_vtt, word_json
@@ -474,7 +474,7 @@ async def _serve(request: web.Request, translate_route: bool) -> web.StreamRespo
         request, FIELDS,
         uploads=upload_policy(config),
         file_fields=("file",),
-        long_text_fields={"known_speaker_references": MAX_REFERENCE_BYTES * 4 // 3 + 1024},
+        long_text_fields=SPEAKER_TEXT_LIMITS,
     )
     try:
         upload = form.require_file("file")
