@@ -271,13 +271,14 @@ def _size(count: int) -> str:
     return f"{count / (1024 * 1024):g} MB" if count >= 1024 * 1024 else f"{count} bytes"
 
 
-def _is_compressed(request: web.BaseRequest) -> bool:
+def is_compressed(request: web.BaseRequest) -> bool:
+    """Whether the body came with a Content-Encoding (which aiohttp's server decodes as it is read)."""
     return request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() not in ("", "identity")
 
 
 def inflated_limit(request: web.BaseRequest, limit: int) -> int:
     """How many body bytes, as decompressed, a request may deliver."""
-    if not _is_compressed(request):
+    if not is_compressed(request):
         return limit
     if request.content_length is None:
         return min(limit, MAX_INFLATED_UNKNOWN_LENGTH)
@@ -304,7 +305,7 @@ def broken_body(request: web.BaseRequest, error: Malformed) -> Malformed:
 def _bad_body(exc: BaseException, request: web.BaseRequest) -> Malformed:
     if not isinstance(exc, _PAYLOAD_ERRORS):
         return Malformed(f"The request body could not be read ({_short(exc)}).", code="invalid_body")
-    if _is_compressed(request):
+    if is_compressed(request):
         return broken_body(request, Malformed(
             f"The request body could not be decompressed as {request.headers[hdrs.CONTENT_ENCODING]!r} "
             f"({type(exc).__name__}). Send it uncompressed or correctly encoded.",
@@ -330,7 +331,7 @@ async def read_body(request: web.Request, max_bytes: int = DEFAULT_MAX_BODY_BYTE
         while chunk := await arriving(request, request.content.read(READ_CHUNK)):
             size += len(chunk)
             if size > limit:
-                raise _too_large("The request body" + (" as decompressed" if _is_compressed(request) else ""),
+                raise _too_large("The request body" + (" as decompressed" if is_compressed(request) else ""),
                                  limit, setting)
             chunks.append(chunk)
     except _PAYLOAD_ERRORS + (ValueError,) as exc:
@@ -535,7 +536,7 @@ async def _spool(request: web.Request, part: Any, policy: UploadPolicy, limit: i
         while chunk := await arriving(request, part.read_chunk(READ_CHUNK)):
             size += len(chunk)
             if size > limit:
-                what = "The uploaded file as decompressed" if _is_compressed(request) else "The uploaded file"
+                what = "The uploaded file as decompressed" if is_compressed(request) else "The uploaded file"
                 raise _too_large(what, limit, policy.setting)
             tee_request_body(request, chunk)  # a no-op unless payload capture is on
             try:

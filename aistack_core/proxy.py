@@ -42,7 +42,7 @@ from yarl import URL
 from .backends import Upstream
 from .context import config_key, upstream_devices_key, upstream_sessions_key
 from .errors import AistackError, BadGateway, Cancelled, GatewayTimeout, Malformed, Network
-from .forms import bounded_stream, broken_body, send_continue
+from .forms import bounded_stream, broken_body, is_compressed, send_continue
 from .inference import client_gone, inference
 from .observe.capture import redact_query, upstream_body
 from .observe.record import RequestInfo, request_info
@@ -137,7 +137,7 @@ def _for_log(target: str) -> str:
 def _request_only(request: web.Request, replacing_body: bool) -> frozenset[str]:
     """Request headers that describe the body as it reached *us*, not as we send it."""
     drop = _REQUEST_ONLY
-    if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+    if is_compressed(request):
         # aiohttp's server already decompressed the body we read or stream on.
         drop = drop | {"content-encoding", "content-length"}
     if replacing_body:
@@ -407,7 +407,7 @@ def _raised_by_our_body(exc: BaseException) -> AistackError | None:
 
 def _body_failure(request: web.Request) -> str:
     cause = request.content.exception()
-    if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+    if is_compressed(request):
         return f"it does not decompress as {request.headers['Content-Encoding']!r}"
     return type(cause).__name__
 

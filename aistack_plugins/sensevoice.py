@@ -351,7 +351,7 @@ class SenseVoiceBackend:
         self,
         model: LoadedSenseVoice,
         first_stretch: tuple[int, int, np.ndarray] | None,
-        first: RichText | None,
+        first: RichText,
         stretches: Iterator[tuple[int, int, np.ndarray]],
         query: str,
         duration: float,
@@ -362,8 +362,8 @@ class SenseVoiceBackend:
             return
         next_id = 0
         for index, (start, end, samples) in enumerate(itertools.chain([first_stretch], stretches)):
-            if index == 0 and first is not None:
-                rich = first
+            if index == 0:
+                rich = first  # decoded already, for the language
             else:
                 cancel.raise_if_cancelled()
                 rich = self._guarded(lambda: model.decode(samples, query))
