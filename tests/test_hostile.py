@@ -516,16 +516,16 @@ async def test_streamed_transcription_logs_what_was_sent(make_client, tmp_path):
 async def test_one_unserialisable_record_is_skipped_alone(make_client, tmp_path):
     client = await make_client(obs_access_log=True)
     access_log = client.app[observability_key].access_log
-    original = access_log.writer.offer
+    original = access_log.submit
 
     def poison_every_second(outcome):
         poison_every_second.count += 1
-        if poison_every_second.count % 2 == 0:
-            outcome = attrs.evolve(outcome, requested_model=object())  # json.dumps cannot take it
+        if poison_every_second.count % 2 == 0:  # json.dumps cannot take an object()
+            outcome = attrs.evolve(outcome, measured=attrs.evolve(outcome.measured, requested_model=object()))
         return original(outcome)
 
     poison_every_second.count = 0
-    access_log.writer.offer = poison_every_second
+    access_log.submit = poison_every_second
     ids = [f"batch-{i}" for i in range(6)]
     for request_id in ids:
         assert (await client.get("/v1/models", headers={"X-Request-ID": request_id})).status == 200

@@ -20,7 +20,7 @@ from aiohttp import web
 from aistack_core import ModelCard, hookimpl
 from aistack_core.observe.access_log import AccessLog
 from aistack_core.observe.capture import PayloadStore
-from aistack_core.observe.record import RequestOutcome
+from aistack_core.observe.record import Measured, RequestOutcome
 from aistack_core.cli import configure_logging
 from aistack_core.observe.middleware import observability_key, observe_middleware
 from aistack_core.observe.record import current_request_id
@@ -99,7 +99,7 @@ async def flush(client, *request_ids: str) -> None:
     observability = client.app[observability_key]
 
     async def recorded():
-        seen = {outcome.request_id for outcome in observability.metrics.recent}
+        seen = {outcome.request_id for outcome in observability.metrics.recent()}
         return seen.issuperset(request_ids)
 
     assert await eventually(recorded)
@@ -298,6 +298,45 @@ def _outcome(number: int) -> RequestOutcome:
         outcome_class="2xx", capability="gateway", model="", provider=None, latency_s=0.001,
         slot_wait_s=None, client="127.0.0.1", bytes_in=0, bytes_out=10,
     )
+
+
+async def test_metrics_readers_see_every_finished_request_at_once(make_client, monkeypatch):
+    """Finished requests wait a moment to be recorded in a batch; a reader must never see that."""
+    from aistack_core.observe import middleware
+
+    monkeypatch.setattr(middleware, "RECORD_AFTER_S", 3600.0)  # the batch would come only much later
+    client = await make_client()
+    ids = [f"at-once-{number}" for number in range(3)]
+    for request_id in ids:
+        assert (await client.get("/v1/models", headers={"X-Request-ID": request_id})).status == 200
+    body = await (await client.get("/admin/api/metrics?recent=10")).json()
+    assert [entry["request_id"] for entry in body["metrics"]["recent"][:3]] == ids[::-1]  # newest first
+    assert body["metrics"]["capabilities"]["gateway"]["totals"]["by_class"]["2xx"] == 3
+    assert (await client.get("/v1/models")).status == 200
+    text = await (await client.get("/metrics")).text()
+    counted = sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith("aistack_requests_total{") and 'capability="gateway"' in line
+    )
+    assert counted == 5  # three, the metrics read, one more: all there before the scrape itself
+
+
+async def test_access_log_keeps_the_last_requests_at_shutdown(make_client, monkeypatch, tmp_path):
+    from aistack_core.observe import middleware
+
+    monkeypatch.setattr(middleware, "RECORD_AFTER_S", 3600.0)
+    client = await make_client(obs_access_log=True)
+    ids = [f"last-{number}" for number in range(4)]
+    for request_id in ids:
+        assert (await client.get("/v1/models", headers={"X-Request-ID": request_id})).status == 200
+    await client.close()  # the app's cleanup: the waiting batch, then the writer thread's last write
+    lines = (tmp_path / "logs" / f"access-{utc_today()}.jsonl").read_text().splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == ids
+
+
+def test_recent_requests_come_back_whole_from_their_rows():
+    outcome = attrs.evolve(_outcome(7), measured=Measured(audio_sec=1.5, cache="HIT", stream=False))
+    assert RequestOutcome.from_row(outcome.to_row()) == outcome
 
 
 def test_access_log_queue_full_drops_and_counts(tmp_path, caplog):
@@ -552,9 +591,9 @@ async def test_capture_store_stays_under_its_size_limit(make_client, tmp_path):
 
 
 def test_access_line_is_valid_json_for_awkward_values():
+    measured = Measured(audio_sec=2.0, stream=True, rtf=float("nan"), requested_model="\ud800 lone surrogate")
     outcome = attrs.evolve(
-        _outcome(1), path='/v1/"quoted"\\path', model="modèle\n", provider=None, slot_wait_s=0.25,
-        audio_sec=2.0, stream=True, rtf=float("nan"), requested_model="\ud800 lone surrogate",
+        _outcome(1), path='/v1/"quoted"\\path', model="modèle\n", provider=None, slot_wait_s=0.25, measured=measured,
     )
     line = outcome.to_json_line()
     assert "\n" not in line and line.isascii()  # any file encoding can hold it

@@ -120,7 +120,7 @@ async def test_api_key_never_logged_or_captured(make_client, tmp_path):
         response = await client.get("/v1/models", headers={"Authorization": f"Bearer {key}", "X-Request-ID": request_id})
         assert response.status == (200 if key == KEY else 401)
     observability = client.app[observability_key]
-    while {"right-key", "wrong-key"} - {outcome.request_id for outcome in observability.metrics.recent}:
+    while {"right-key", "wrong-key"} - {outcome.request_id for outcome in observability.metrics.recent()}:
         await asyncio.sleep(0.01)  # the server records a request a moment after the client has it
     for sink in (observability.access_log, observability.payloads):
         assert await asyncio.to_thread(sink.writer.wait_until_handled, 5.0)

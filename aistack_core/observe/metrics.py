@@ -166,7 +166,10 @@ class Metrics:
         self.started = clock()
         self.series: dict[tuple[str, str], SeriesTotals] = {}
         self._models_seen: dict[str, set[str]] = {}
-        self.recent: deque[RequestOutcome] = deque(maxlen=RECENT_REQUESTS)
+        # The last requests as rows, not RequestOutcome objects: the garbage
+        # collector stops tracking a tuple of plain values, while a hundred
+        # live records would be walked again at every collection.
+        self._recent_rows: deque[tuple] = deque(maxlen=RECENT_REQUESTS)
 
     def _model_label(self, capability: str, model: str) -> str:
         seen = self._models_seen.setdefault(capability, set())
@@ -204,19 +207,25 @@ class Metrics:
         # Audio counts only when it was served: a busy or failed request may
         # know its upload's length but processed none of it.
         if outcome_class == "2xx":
-            audio_sec = outcome.audio_sec
+            measured = outcome.measured
+            audio_sec = measured.audio_sec
             if audio_sec is not None:
                 totals.audio_sec += audio_sec
                 slot.audio_sec += audio_sec
-            rtf = outcome.rtf
+            rtf = measured.rtf
             if rtf is not None:
                 totals.rtf.observe(rtf)
                 _add(slot.rtf, rtf)
         totals.bytes_in += outcome.bytes_in
         totals.bytes_out += outcome.bytes_out
-        self.recent.append(outcome)
+        self._recent_rows.append(outcome.to_row())
 
     # --- reading ----------------------------------------------------------------
+
+    def recent(self, count: int = RECENT_REQUESTS) -> list[RequestOutcome]:
+        """The last ``count`` requests recorded, newest first."""
+        rows = list(self._recent_rows)[-count:] if count > 0 else []
+        return [RequestOutcome.from_row(row) for row in reversed(rows)]
 
     def _window_slots(self, totals: SeriesTotals) -> list[_MinuteSlot]:
         # A slot counts while any part of its minute lies inside the window.
@@ -273,7 +282,7 @@ class Metrics:
             "window_min": self.window_s / 60,
             "uptime_s": round(self._clock() - self.started, 3),
             "capabilities": capabilities,
-            "recent": [outcome.to_record() for outcome in list(self.recent)[-recent:]][::-1] if recent else [],
+            "recent": [outcome.to_record() for outcome in self.recent(recent)],
         }
 
 

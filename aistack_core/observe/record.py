@@ -13,10 +13,11 @@ import contextvars
 import functools
 import json
 import math
+import operator
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 from aiohttp import web
@@ -57,6 +58,8 @@ class Measured:
 
 
 MEASURED_FIELDS = tuple(field.name for field in attrs.fields(Measured))
+# The measured values as one tuple, in MEASURED_FIELDS order (one C call).
+measured_values: Callable[[Measured], tuple] = operator.attrgetter(*MEASURED_FIELDS)
 
 
 @attrs.define
@@ -117,7 +120,7 @@ def classify(status: int, *, busy: bool, disconnected: bool) -> str:
 
 
 @attrs.define(slots=True)
-class RequestOutcome(Measured):
+class RequestOutcome:
     """A finished request, as the metrics, the access log and the capture see it."""
 
     started_at: float  # time.time() when the request arrived
@@ -135,6 +138,20 @@ class RequestOutcome(Measured):
     bytes_in: int
     bytes_out: int
     headers_s: float | None = None
+    # What the routes and the inference context measured (the RequestInfo's
+    # Measured fields, as they were when the request ended).
+    measured: Measured = attrs.field(factory=Measured, repr=False)
+
+    def to_row(self) -> tuple:
+        """The outcome as plain values: its fields in order, the last one the
+        measured values as a tuple.  The garbage collector stops tracking such
+        a tuple, so rows are what the sinks keep while they hold requests."""
+        return (*_outcome_values(self), measured_values(self.measured))
+
+    @classmethod
+    def from_row(cls, row: tuple) -> RequestOutcome:
+        """The outcome a row holds (positional: a third of the cost of keywords)."""
+        return cls(*row[:-1], Measured(**dict(zip(MEASURED_FIELDS, row[-1]))))
 
     def to_record(self) -> dict[str, Any]:
         """One flat object: the access-log line and the JSON metrics view's ``recent`` entries."""
@@ -155,10 +172,9 @@ class RequestOutcome(Measured):
             "bytes_out": self.bytes_out,
             "headers_ms": _ms(self.headers_s),
         }
-        for name in MEASURED_FIELDS:
-            value = getattr(self, name)
+        for name, value in zip(MEASURED_FIELDS, measured_values(self.measured)):
             if value is not None:
-                if isinstance(value, float):
+                if value.__class__ is float:
                     value = round(value, 4) if math.isfinite(value) else None
                 record[name] = value
         return record
@@ -168,6 +184,8 @@ class RequestOutcome(Measured):
         surrogates, control characters) valid JSON that any file encoding can hold."""
         return _LINE_ENCODER.encode(self.to_record())
 
+
+_outcome_values = operator.attrgetter(*(field.name for field in attrs.fields(RequestOutcome) if field.name != "measured"))
 
 # Made once: json.dumps with options builds a new encoder on every call (~2 µs a line).
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)

@@ -23,6 +23,7 @@ async def get_prometheus_metrics(request: web.Request) -> web.Response:
             "The same metrics are served as JSON at /admin/api/metrics.",
             code="no_backend",
         ) from None
+    observability.record_finished()
     body, content_type = prometheus_text(registry)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -33,6 +34,7 @@ async def get_admin_metrics(request: web.Request) -> web.Response:
         recent = int(request.query.get("recent", "20"))
     except ValueError:
         raise Malformed(f"recent must be a whole number (at most {RECENT_REQUESTS}).", param="recent") from None
+    observability.record_finished()
     state = observability.live_state(request.app)
     body: dict[str, Any] = {
         "metrics": observability.metrics.snapshot(recent=recent) if observability.metrics is not None else None,
