@@ -339,16 +339,24 @@ def test_recent_requests_come_back_whole_from_their_rows():
     assert RequestOutcome.from_row(outcome.to_row()) == outcome
 
 
-def test_access_log_queue_full_drops_and_counts(tmp_path, caplog):
+@pytest.mark.parametrize("limit", ["lines", "size"])
+def test_access_log_queue_full_drops_and_counts(tmp_path, caplog, limit):
     fifo = tmp_path / f"access-{utc_today()}.jsonl"
     os.mkfifo(fifo)
-    access_log = AccessLog(tmp_path, max_pending=5, wake_every_s=0.01)
+    if limit == "lines":
+        outcomes = [_outcome(number) for number in range(21)]
+        access_log = AccessLog(tmp_path, max_pending=5, wake_every_s=0.01)
+    else:  # a client's path of odd characters makes a line of tens of KB: six of them (one being written) fill the queue
+        outcomes = [attrs.evolve(_outcome(number), path="/\u00e9" * 4000) for number in range(21)]
+        line_chars = len(outcomes[1].to_json_line())
+        assert line_chars > 25_000
+        access_log = AccessLog(tmp_path, max_pending_chars=int(6.5 * line_chars), wake_every_s=0.01)
     access_log.start()
-    access_log.submit(_outcome(0))
+    access_log.submit(outcomes[0])
     time.sleep(0.2)  # the thread took that record and now hangs opening the file
     started = time.monotonic()
-    for number in range(1, 21):
-        access_log.submit(_outcome(number))
+    for outcome in outcomes[1:]:
+        access_log.submit(outcome)
     assert time.monotonic() - started < 0.1  # submitting never waits
     assert access_log.dropped == 15 and access_log.writer.pending == 5
     warnings = [r for r in caplog.records if r.name == "aistack.access_log" and r.levelno == logging.WARNING]

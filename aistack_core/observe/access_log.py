@@ -28,6 +28,8 @@ log = logging.getLogger("aistack.access_log")
 
 # Enough for minutes of a busy gateway with the disk stalled; a record is a few hundred bytes.
 DEFAULT_MAX_PENDING_RECORDS = 10_000
+# ...but a client can make lines of tens of KB (a long path of escaped odd characters): capped by size too.
+DEFAULT_MAX_PENDING_CHARS = 16 * 1024 * 1024
 
 
 class AccessLog:
@@ -38,6 +40,7 @@ class AccessLog:
         directory: Path,
         *,
         max_pending: int = DEFAULT_MAX_PENDING_RECORDS,
+        max_pending_chars: int = DEFAULT_MAX_PENDING_CHARS,
         wake_every_s: float = DEFAULT_WAKE_EVERY_S,
     ) -> None:
         self.directory = Path(directory)
@@ -51,7 +54,8 @@ class AccessLog:
         self._file: TextIO | None = None
         self._file_date: str | None = None
         self.writer: OffLoopWriter[str] = OffLoopWriter(
-            "aistack-access-log", self._write_batch, max_pending=max_pending, wake_every_s=wake_every_s
+            "aistack-access-log", self._write_batch, max_pending=max_pending, wake_every_s=wake_every_s,
+            size_of=len, max_pending_size=max_pending_chars,
         )
 
     def path_for(self, date: str) -> Path:

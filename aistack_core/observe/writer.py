@@ -30,6 +30,12 @@ class OffLoopWriter(Generic[Item]):
     batch being taken at that instant, never more.  ``handle_batch`` is
     expected to count and report its own failures; anything it lets escape
     is logged here and the batch is lost.
+
+    With ``size_of``, the queue is bounded by size as well: an item that
+    would take it past ``max_pending_size`` is refused, and past a sixteenth
+    of that the thread is woken at once.  Sizes are two running totals, one
+    written only by the loop (offered) and one only by the thread (handled),
+    so they need no lock either.
     """
 
     def __init__(
@@ -40,9 +46,15 @@ class OffLoopWriter(Generic[Item]):
         max_pending: int,
         wake_every_s: float = DEFAULT_WAKE_EVERY_S,
         on_tick: Callable[[], None] | None = None,
+        size_of: Callable[[Item], int] | None = None,
+        max_pending_size: int = 0,
     ) -> None:
         self.name = name
         self.max_pending = max_pending
+        self.max_pending_size = max_pending_size
+        self._size_of = size_of
+        self._offered_size = 0
+        self._handled_size = 0
         self._handle_batch = handle_batch
         self._wake_every_s = wake_every_s
         self._on_tick = on_tick  # called after every wake-up, for periodic chores
@@ -58,10 +70,22 @@ class OffLoopWriter(Generic[Item]):
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def pending_size(self) -> int:
+        return self._offered_size - self._handled_size
+
     def offer(self, item: Item) -> bool:
         pending = self._pending
         if len(pending) >= self.max_pending:
             return False
+        if self._size_of is not None:
+            size = self._size_of(item)
+            queued = self._offered_size - self._handled_size + size
+            if queued > self.max_pending_size:
+                return False
+            self._offered_size += size
+            if queued * 16 > self.max_pending_size:  # large items: write them now, not at the next tick
+                self._wake.set()
         pending.append(item)
         self._offered += 1
         if len(pending) * 2 > self.max_pending:  # filling up: do not wait for the next tick
@@ -110,6 +134,8 @@ class OffLoopWriter(Generic[Item]):
                     self._handle_batch(batch)
                 except Exception:  # noqa: BLE001 - the writer must outlive a bad batch
                     log.exception("%s lost %d items", self.name, len(batch))
+                if self._size_of is not None:
+                    self._handled_size += sum(map(self._size_of, batch))
                 with self._progress:
                     self._handled += len(batch)
                     self._progress.notify_all()
