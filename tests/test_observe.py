@@ -372,6 +372,13 @@ def test_access_log_queue_full_drops_and_counts(tmp_path, caplog, limit):
 
 # --- payload capture --------------------------------------------------------------
 
+
+def test_capture_body_chunks_are_bounded_by_the_bytes_waiting(tmp_path):
+    store = PayloadStore(tmp_path, max_bytes=10**9, max_age_s=3600, request_cap_bytes=10**6, max_pending_bytes=10_000)
+    capture = store.begin("budget", time.time())  # the thread is not started: nothing leaves the queue
+    accepted = [store.queue_bytes(capture, "req.bin", b"x" * 3000) for _ in range(4)]
+    assert accepted == [True, True, True, False] and store.writer.pending_size == 9000
+
 SECRETS = {
     "Authorization": "Bearer sekrit-one",
     "Cookie": "session=sekrit-two",

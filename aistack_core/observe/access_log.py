@@ -63,8 +63,7 @@ class AccessLog:
 
     def submit(self, outcome: RequestOutcome) -> None:
         """Queue one finished request's line; never blocks (event loop side)."""
-        writer = self.writer
-        if writer.pending >= writer.max_pending:  # full: no line to make
+        if self.writer.full:  # no line to make
             self._drop()
             return
         try:
@@ -78,7 +77,7 @@ class AccessLog:
                     "aistack_access_log_skipped_records_total counts every one", outcome.request_id, exc,
                 )
             return
-        if not writer.offer(line):
+        if not self.writer.offer(line):
             self._drop()
 
     def _drop(self) -> None:

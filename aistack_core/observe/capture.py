@@ -30,7 +30,6 @@ import json
 import logging
 import re
 import shutil
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -198,6 +197,12 @@ class RequestCapture:
             self.store.dropped_captures += 1
 
 
+def _body_bytes(op: tuple[str, Any, Any]) -> int:
+    """What a queued operation holds in memory, for the writer's budget: an append's chunk."""
+    kind, _, payload = op
+    return len(payload[1]) if kind == "append" else 0
+
+
 class PayloadStore:
     """The capture folder tree, its writer thread and its limits."""
 
@@ -227,14 +232,12 @@ class PayloadStore:
         self._last_sweep = 0.0
         self._warned_full = False
         self._warned_failed = False
-        # Body bytes are bounded by size (the loop side reserves, the thread
-        # releases); the small open/meta records only by count.
-        self.max_pending_bytes = max_pending_bytes
-        self._pending_bytes = 0
-        self._budget_lock = threading.Lock()
+        # Body chunks count against the writer's size budget; the small
+        # open/meta records only against its count.
         self.writer: OffLoopWriter[tuple[str, Any, Any]] = OffLoopWriter(
             "aistack-payload-capture", self._run_ops, max_pending=MAX_PENDING_OPERATIONS,
             wake_every_s=wake_every_s, on_tick=self._sweep_if_due,
+            size_of=_body_bytes, max_pending_size=max_pending_bytes,
         )
 
     # --- event loop side ----------------------------------------------------------
@@ -250,16 +253,7 @@ class PayloadStore:
 
     def queue_bytes(self, capture: RequestCapture, file_name: str, data: bytes) -> bool:
         """Queue a body chunk for writing unless the bytes in flight would pass the budget."""
-        size = len(data)
-        with self._budget_lock:
-            if self._pending_bytes + size > self.max_pending_bytes:
-                return False
-            self._pending_bytes += size
-        if self.writer.offer(("append", capture, (file_name, data))):
-            return True
-        with self._budget_lock:
-            self._pending_bytes -= size
-        return False
+        return self.writer.offer(("append", capture, (file_name, data)))
 
     def note_dropped_chunk(self) -> None:
         self.dropped_chunks += 1
@@ -300,9 +294,6 @@ class PayloadStore:
     # --- writer thread ------------------------------------------------------------
 
     def _run_ops(self, ops: list[tuple[str, Any, Any]]) -> None:
-        released = sum(len(payload[1]) for kind, _, payload in ops if kind == "append")
-        with self._budget_lock:
-            self._pending_bytes -= released
         for kind, capture, payload in ops:
             try:
                 if kind == "open":

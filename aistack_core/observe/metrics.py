@@ -180,7 +180,8 @@ class Metrics:
         seen.add(model)
         return model
 
-    def record(self, outcome: RequestOutcome) -> None:
+    def record(self, outcome: RequestOutcome, row: tuple | None = None) -> None:
+        """Count a finished request; ``row`` is ``outcome.to_row()`` when the caller has it already."""
         capability = outcome.capability
         # Only registered model ids become labels; whatever else a client sent is one value.
         key = (capability, outcome.model or UNKNOWN_MODEL_LABEL)
@@ -218,7 +219,7 @@ class Metrics:
                 _add(slot.rtf, rtf)
         totals.bytes_in += outcome.bytes_in
         totals.bytes_out += outcome.bytes_out
-        self._recent_rows.append(outcome.to_row())
+        self._recent_rows.append(outcome.to_row() if row is None else row)
 
     # --- reading ----------------------------------------------------------------
 

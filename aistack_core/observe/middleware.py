@@ -146,14 +146,14 @@ class Observability:
         rows, self._unrecorded = self._unrecorded, []
         metrics, access_log = self.metrics, self.access_log
         for row in rows:
+            outcome = RequestOutcome.from_row(row)
             try:
-                outcome = RequestOutcome.from_row(row)
                 if metrics is not None:
-                    metrics.record(outcome)
+                    metrics.record(outcome, row)
                 if access_log is not None:
                     access_log.submit(outcome)
             except Exception:  # noqa: BLE001 - one request's record must not cost the others theirs
-                log.exception("could not record request %s (%s %s)", row[1], row[2], row[3])
+                log.exception("could not record request %s (%s %s)", outcome.request_id, outcome.method, outcome.path)
 
     # --- reading ----------------------------------------------------------------
 

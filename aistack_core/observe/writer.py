@@ -74,10 +74,15 @@ class OffLoopWriter(Generic[Item]):
     def pending_size(self) -> int:
         return self._offered_size - self._handled_size
 
+    @property
+    def full(self) -> bool:
+        """Whether :meth:`offer` would refuse any item now (the count is at its limit)."""
+        return len(self._pending) >= self.max_pending
+
     def offer(self, item: Item) -> bool:
-        pending = self._pending
-        if len(pending) >= self.max_pending:
+        if self.full:
             return False
+        pending = self._pending
         if self._size_of is not None:
             size = self._size_of(item)
             queued = self._offered_size - self._handled_size + size
